@@ -1,0 +1,149 @@
+"""Reading and writing model weights and configs as safetensors + JSON (never pickle).
+
+A checkpoint directory holds ``config.json`` (``{"format": "custom-llm", "model": {...}, "train": {...}}``)
+and ``model.safetensors``; the training package adds its own state files beside them. Tied embeddings
+are stored once (``lm_head.weight`` is left out and re-tied on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file, fsync and rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, turning a missing or malformed file into a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"malformed JSON in {path}: {exc}") from None
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as a flat dict, tied LM head left out, each tensor contiguous on the CPU."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {name: t.detach().contiguous().cpu() for name, t in state.items()}
+
+
+def save_model(model: torch.nn.Module, directory: Path, extra_config: Optional[dict] = None) -> None:
+    """Write config.json and model.safetensors for ``model`` into ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model_state_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_json(directory / CONFIG_FILE, {"format": "custom-llm", "model": model.config.to_dict(), **(extra_config or {})})
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; a missing, unexpected or mis-shaped tensor is a UserError naming it."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise UserError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint directory's config.json."""
+    data = read_json(Path(directory) / CONFIG_FILE)
+    if not isinstance(data, dict) or "model" not in data:
+        raise UserError(f"{Path(directory) / CONFIG_FILE} is not a custom-llm checkpoint config (no 'model' section)")
+    return ModelConfig.from_dict(data["model"])
+
+
+def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
+                          dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """Build the model described by a checkpoint directory and load its weights."""
+    from safetensors.torch import load_file
+
+    from .model import Transformer
+
+    directory = Path(directory)
+    config = read_model_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"missing file: {weights}")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise UserError(f"cannot read {weights}: {exc}") from None
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu")
+    model.rope.inv_freq.copy_(_fresh_inv_freq(config))
+    load_state_into(model, state, str(weights))
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _fresh_inv_freq(config: ModelConfig) -> torch.Tensor:
+    from .model.rope import RotaryEmbedding
+
+    return RotaryEmbedding(config.resolved_head_dim, config.rope_theta).inv_freq
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete ``ckpt-<step>`` directories of a run, oldest first (temporary leftovers ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = CKPT_PATTERN.match(child.name)
+        if match and child.is_dir() and (child / CONFIG_FILE).is_file() and (child / WEIGHTS_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete checkpoint inside a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise UserError(f"no checkpoint in {path} (expected config.json or ckpt-<step>/ folders)")
+    return checkpoints[-1]

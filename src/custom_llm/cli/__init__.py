@@ -1,0 +1,60 @@
+"""``custom-llm``: thin sub-commands over the library.
+
+Each sub-command lives in its own module here exposing ``register(subparsers)``, which adds its parser
+and sets ``func`` to a function of the parsed arguments. User errors (:class:`UserError`, bad flags)
+become one ``error: ...`` line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from ..errors import UserError
+
+COMMANDS = ("train", "generate", "eval", "export", "import", "bench", "tokenizer")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> ArgumentParser:
+    from . import bench, generate, interop, tokenizer, train
+
+    parser = ArgumentParser(prog="custom-llm", description="Train, run and exchange modern decoder-only LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for module in (train, generate, interop, bench, tokenizer):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

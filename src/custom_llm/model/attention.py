@@ -1,0 +1,140 @@
+"""Causal self-attention with grouped-query heads, optional sliding window, and three kernels.
+
+* ``eager``: the plain math below, the readable reference every fast path is tested against.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention / memory-efficient
+  kernels where the device has them), ``is_causal`` for full attention, a boolean mask for windows.
+* ``flex``: ``torch.nn.attention.flex_attention`` with a block mask, which skips whole blocks outside
+  a sliding window; the fast path for windows on CUDA (compiled there).
+
+Grouped-query attention (Ainslie et al. 2023): K key/value heads serve H query heads, query head h
+reading kv head h // (H / K). Sliding window (Beltagy et al. 2020; Mistral): query i attends keys j
+with i - W < j <= i, that is W keys including itself.
+
+Legend: B batch, T query time, S key time, C d_model, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .rope import apply_rotary
+
+
+def causal_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Boolean mask (..., T, S), True where query position q may attend key position k.
+
+    Allowed: k <= q, and, with a window W, k > q - W. Built by broadcasting, no loop over positions.
+    """
+    q = q_pos.unsqueeze(-1)  # (..., T, 1)
+    k = k_pos.unsqueeze(-2)  # (..., 1, S)
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Reference attention: softmax(q k^T / sqrt(D) + mask) v, softmax in fp32.
+
+    q (B, H, T, D); k, v (B, K, S, D); mask bool broadcastable to (B, H, T, S). Returns (B, H, T, D).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D): query head h reads kv head h // n_rep
+    v = v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE, GQA, an optional sliding window and a choice of kernel."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, window: Optional[int]):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.backend = config.attn_backend
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=config.attn_bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self._block_masks: dict[Any, Any] = {}
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        ``kv_cache``, when given (generation), must offer ``update(layer_idx, k, v) -> (k_all, v_all,
+        mask)``: it stores this step's keys/values and returns every key/value the queries may see with
+        a boolean mask broadcastable to (B, H, T, S).
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D), mask (B|1, 1, T, S)
+            if self.backend == "eager":
+                y = eager_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif self.backend == "eager":
+            pos = torch.arange(T, device=x.device)
+            y = eager_attention(q, k, v, causal_window_mask(pos, pos, self.window), dropout_p)
+        elif self.backend == "flex":
+            y = self._flex(q, k, v)
+        elif self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+        else:
+            pos = torch.arange(T, device=x.device)
+            mask = causal_window_mask(pos, pos, self.window)  # (T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """flex_attention with a (cached) block mask for causal or sliding-window attention."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        T = q.shape[2]
+        key = (T, q.device)
+        if key not in self._block_masks:
+            window = self.window
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                allowed = kv_idx <= q_idx
+                if window is not None:
+                    allowed = allowed & (kv_idx > q_idx - window)
+                return allowed
+
+            self._block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        return _flex_attention(q.device.type)(q, k, v, block_mask=self._block_masks[key], enable_gqa=True)
+
+
+_FLEX_FUNCTIONS: dict[str, Any] = {}
+
+
+def _flex_attention(device_type: str):
+    """flex_attention, compiled on CUDA (where that is what makes it fast), plain elsewhere."""
+    if device_type not in _FLEX_FUNCTIONS:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX_FUNCTIONS[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return _FLEX_FUNCTIONS[device_type]

@@ -1,0 +1,173 @@
+"""The decoder-only transformer: embedding, a stack of blocks, final norm, LM head.
+
+``model(input_ids)`` returns logits; losses come from :meth:`Transformer.compute_loss`, which adds
+the mixture-of-experts auxiliary losses that the MoE layers record during the forward pass.
+
+Legend: B batch, T time, C d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .block import Block
+from .norms import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class LossOutput:
+    """What :meth:`Transformer.compute_loss` returns. ``loss`` is what to backpropagate."""
+
+    loss: torch.Tensor
+    """lm_loss + moe_aux_loss_coef * aux_loss + moe_z_loss_coef * z_loss."""
+    lm_loss: torch.Tensor
+    """Mean next-token cross-entropy over non-ignored targets (nats)."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss summed over MoE layers (0 for a dense model), before its coefficient."""
+    z_loss: torch.Tensor
+    """Router z-loss summed over MoE layers (0 for a dense model), before its coefficient."""
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model; parameter names follow Hugging Face Llama (minus the ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # Per-layer choices, decided once here; forward() only follows these lists.
+        self.layer_windows = config.layer_windows()
+        self.layer_is_moe = config.layer_is_moe()
+        self.layerdrop_probs = config.layerdrop_probs()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(
+            Block(config, i, self.layer_windows[i], self.layer_is_moe[i]) for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config.resolved_head_dim, config.rope_theta)
+        # LayerDrop decisions come from this generator, seeded identically on every rank so that
+        # data-parallel replicas skip the same blocks (see forward()).
+        self.layerdrop_generator = torch.Generator().manual_seed(config.layerdrop_seed)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter. The scheme, in one place:
+
+        ======================================  ==============================================
+        parameter                               initialisation
+        ======================================  ==============================================
+        embed_tokens, lm_head (when untied)     normal(0, init_std)
+        q/k/v_proj, gate/up_proj, router        normal(0, init_std)
+        o_proj, down_proj (residual outputs)    normal(0, init_std / sqrt(2 * n_layers)) (GPT-2)
+        linear biases (q/k/v with attn_bias)    0
+        RMSNorm weights                         1
+        ReZero scales                           0 (each block starts as the identity)
+        MoE experts, router, shared experts     MoE.init_weights(std, out_std), same rules
+        ======================================  ==============================================
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in self.modules():  # components with their own parameter kinds (MoE experts)
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights(std, out_std)
+        for block in self.layers:
+            if block.attn_scale is not None:
+                nn.init.zeros_(block.attn_scale)
+                nn.init.zeros_(block.mlp_scale)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None,
+                kv_cache: Any = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) (or the last ``logits_to_keep`` positions).
+
+        ``positions`` (T,) or (B, T) are the absolute positions used by RoPE (default 0..T-1);
+        generation passes them together with a ``kv_cache`` (see Attention.forward).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.rope(positions)  # (T, D) or (B, T, D), shared by every layer
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        drop = self._layerdrop_decisions()
+        for i, block in enumerate(self.layers):
+            if drop[i]:
+                continue
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def _layerdrop_decisions(self) -> list[bool]:
+        """Which blocks to skip in this forward: never in eval; drawn from the model's own generator.
+
+        Under DDP every rank draws the same decisions (same seed, same number of draws), so the
+        skipped blocks' parameters get no gradient on any rank; the trainer wraps the model with
+        ``find_unused_parameters=True`` whenever layerdrop > 0.
+        """
+        if not self.training or self.config.layerdrop == 0:
+            return [False] * len(self.layers)
+        u = torch.rand(len(self.layers), generator=self.layerdrop_generator).tolist()
+        return [ui < p for ui, p in zip(u, self.layerdrop_probs)]
+
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> LossOutput:
+        """Next-token cross-entropy of logits(input_ids) against targets (B, T), plus MoE losses."""
+        logits = self(input_ids)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=ignore_index)
+        aux_loss, z_loss = self.moe_losses(lm_loss)
+        loss = lm_loss + self.config.moe_aux_loss_coef * aux_loss + self.config.moe_z_loss_coef * z_loss
+        return LossOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
+
+    def moe_losses(self, like: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load-balancing loss, z-loss) summed over the MoE layers of the last forward pass."""
+        zero = torch.zeros((), device=self.embed_tokens.weight.device) if like is None else like.new_zeros(())
+        aux, z = zero, zero
+        for block in self.layers:
+            aux_loss = getattr(block.mlp, "aux_loss", None)
+            if aux_loss is not None:
+                aux = aux + aux_loss
+                z = z + block.mlp.z_loss
+        return aux, z
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: ``total``, ``non_embedding`` (without embedding / LM head) and ``active``
+        (per token: routed experts counted at top_k / n_experts)."""
+        total = sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
+        embedding = self.embed_tokens.weight.numel()
+        if not self.config.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        inactive = 0
+        for block in self.layers:
+            routed = getattr(block.mlp, "routed_expert_params", None)
+            if routed is not None:
+                inactive += routed() * (1 - self.config.moe_top_k / self.config.n_experts)
+        return {"total": total, "non_embedding": total - embedding, "active": int(round(total - inactive))}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * active parameters + 12 * layers * d_model * T (PaLM appendix B)."""
+        return 6 * self.num_params()["active"] + 12 * self.config.n_layers * self.config.d_model * seq_len
