@@ -13,7 +13,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -128,6 +128,8 @@ class ModelConfig:
             if self.sliding_window is not None:
                 need(self.sliding_window <= self.max_seq_len, f"sliding_window ({self.sliding_window}) must not exceed max_seq_len ({self.max_seq_len})")
         need(self.attn_backend in ATTN_BACKENDS, f"attn_backend must be one of {', '.join(ATTN_BACKENDS)} (got {self.attn_backend!r})")
+        need(not (self.attn_backend == "flex" and _is_number(self.dropout) and self.dropout > 0),
+             "attn_backend 'flex' does not support attention dropout; use dropout=0 or another backend")
         if self.window_pattern is not None:
             need(isinstance(self.window_pattern, str) and len(self.window_pattern) > 0
                  and set(self.window_pattern) <= {"S", "L"}, "window_pattern must be a non-empty string of 'S' and 'L'")

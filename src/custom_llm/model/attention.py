@@ -4,7 +4,8 @@
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention / memory-efficient
   kernels where the device has them), ``is_causal`` for full attention, a boolean mask for windows.
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask, which skips whole blocks outside
-  a sliding window; the fast path for windows on CUDA (compiled there).
+  a sliding window; the fast path for windows on CUDA (compiled there). PyTorch has no flex backward
+  on the CPU, so CPU training with ``flex`` runs the ``sdpa`` path (same mask, same numbers).
 
 Grouped-query attention (Ainslie et al. 2023): K key/value heads serve H query heads, query head h
 reading kv head h // (H / K). Sliding window (Beltagy et al. 2020; Mistral): query i attends keys j
@@ -97,9 +98,9 @@ class Attention(nn.Module):
         elif self.backend == "eager":
             pos = torch.arange(T, device=x.device)
             y = eager_attention(q, k, v, causal_window_mask(pos, pos, self.window), dropout_p)
-        elif self.backend == "flex":
+        elif self.backend == "flex" and not (x.device.type == "cpu" and q.requires_grad):
             y = self._flex(q, k, v)
-        elif self.window is None:
+        elif self.window is None:  # sdpa (also flex training on CPU, which torch has no backward for)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
         else:
             pos = torch.arange(T, device=x.device)
