@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .block import Block
+from .loss import fused_lm_loss, reference_lm_loss
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -104,6 +104,14 @@ class Transformer(nn.Module):
         ``positions`` (T,) or (B, T) are the absolute positions used by RoPE (default 0..T-1);
         generation passes them together with a ``kv_cache`` (see Attention.forward).
         """
+        x = self.hidden_states(input_ids, positions=positions, kv_cache=kv_cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None,
+                      kv_cache: Any = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, C), the LM head's input."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
@@ -117,10 +125,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, kv_cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, kv_cache)
-        x = self.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
 
     def _layerdrop_decisions(self) -> list[bool]:
         """Which blocks to skip in this forward: never in eval; drawn from the model's own generator.
@@ -134,11 +139,16 @@ class Transformer(nn.Module):
         u = torch.rand(len(self.layers), generator=self.layerdrop_generator).tolist()
         return [ui < p for ui, p in zip(u, self.layerdrop_probs)]
 
-    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> LossOutput:
-        """Next-token cross-entropy of logits(input_ids) against targets (B, T), plus MoE losses."""
-        logits = self(input_ids)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                  ignore_index=ignore_index)
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                     fused: bool = True) -> LossOutput:
+        """Next-token cross-entropy of the model on input_ids (B, T) against targets (B, T), plus MoE losses.
+
+        ``fused`` computes the LM head and cross-entropy chunk by chunk without materialising the
+        logits (see loss.py); ``fused=False`` is the plain reference, with the same value and gradients.
+        """
+        hidden = self.hidden_states(input_ids).flatten(0, 1)  # (B*T, C)
+        loss_fn = fused_lm_loss if fused else reference_lm_loss
+        lm_loss = loss_fn(hidden, self.lm_head.weight, targets.reshape(-1), ignore_index=ignore_index)
         aux_loss, z_loss = self.moe_losses(lm_loss)
         loss = lm_loss + self.config.moe_aux_loss_coef * aux_loss + self.config.moe_z_loss_coef * z_loss
         return LossOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
