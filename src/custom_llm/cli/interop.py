@@ -1,7 +1,41 @@
-"""``custom-llm export`` and ``custom-llm import``."""
-from ._pending import register_pending
+"""``custom-llm export`` and ``custom-llm import``: thin wrappers over :mod:`custom_llm.interop`."""
+
+from __future__ import annotations
+
+import argparse
 
 
 def register(sub) -> None:
-    register_pending(sub, "export", "export a checkpoint to the Hugging Face format")
-    register_pending(sub, "import", "import a Hugging Face model folder")
+    """Add the ``export`` and ``import`` sub-commands."""
+    export = sub.add_parser("export", help="export a checkpoint to the Hugging Face format",
+                            description="Write a Hugging Face model folder (Llama, Mistral, Mixtral or Qwen2-MoE, "
+                                        "chosen from the model) that transformers loads with no custom code.")
+    export.add_argument("--ckpt", required=True, help="checkpoint directory (or run directory: its newest checkpoint)")
+    export.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weight dtype of the export (default: the checkpoint's)")
+    export.set_defaults(func=run_export)
+
+    imp = sub.add_parser("import", help="import a Hugging Face model folder as a checkpoint",
+                         description="Turn a Hugging Face model folder (Llama, Mistral, Mixtral or Qwen2-MoE) into "
+                                     "a custom-llm checkpoint, tokenizer included.")
+    imp.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    imp.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty)")
+    imp.set_defaults(func=run_import)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..interop import export_hf
+
+    out = export_hf(args.ckpt, args.out, dtype=args.dtype)
+    print(f"exported to {out}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from ..interop import import_hf
+
+    out = import_hf(args.hf, args.out)
+    print(f"imported into {out}")
+    return 0
