@@ -1,0 +1,185 @@
+"""The tokenizer interface shared by the byte-level BPE and the character tokenizer.
+
+A tokenizer maps text to token ids and back. Both kinds register the same four special tokens, at ids
+0-3 when they are trained here. Encoding treats the special tokens' text ("<|eos|>" in a corpus) as
+ordinary text, so ``decode(encode(s)) == s`` for every Python string; special ids are inserted by the
+data pipeline (EOS between documents), never by ``encode``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence
+
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class IncrementalDecoder:
+    """Decode a stream of token ids one at a time, never emitting half of a multi-byte character.
+
+    ``push(id)`` returns the text completed by that token (possibly ""), ``flush()`` whatever is left
+    (incomplete bytes become U+FFFD, as in ``decode``). The concatenation of every ``push`` and the final
+    ``flush`` equals ``decode(ids)``. Built from each token's bytes, so a push costs O(token length).
+    """
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text."""
+        return self._utf8.decode(self._token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """End the stream; return any pending text (a dangling partial character becomes U+FFFD)."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+class PrefixIncrementalDecoder(IncrementalDecoder):
+    """Incremental decoding for tokenizers whose tokens are not raw bytes (e.g. imported HF files).
+
+    Re-decodes the ids since the last emitted boundary and emits the new text once it no longer ends
+    in U+FFFD, starting afresh after each newline (the approach of Hugging Face's ``TextStreamer``).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self._decode = decode
+        self._pending: List[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self._pending.append(int(token_id))
+        text = self._decode(self._pending)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self._emitted:]
+        self._emitted = len(text)
+        if text.endswith("\n"):  # a line is complete: start afresh so the cost stays per line
+            self._pending, self._emitted = [], 0
+        return new
+
+    def flush(self) -> str:
+        text = self._decode(self._pending)[self._emitted:]
+        self._pending, self._emitted = [], 0
+        return text
+
+
+class Tokenizer:
+    """Base class: text <-> ids with special tokens bos/eos/pad/unk; saved as one ``tokenizer.json``."""
+
+    kind: str = ""
+    bos_id: int = -1
+    eos_id: int = -1
+    pad_id: int = -1
+    unk_id: int = -1
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (the embedding rows a model needs)."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text; subclasses may use all cores."""
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token contributes to ``decode`` (b"" for skipped special tokens)."""
+        raise NotImplementedError
+
+    def incremental_decoder(self) -> IncrementalDecoder:
+        """A fresh :class:`IncrementalDecoder` for streaming generation output."""
+        return IncrementalDecoder(self.token_bytes)
+
+    def to_json_str(self) -> str:
+        """The content of ``tokenizer.json``."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short hash of the serialized tokenizer: equal fingerprints encode identically."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = hashlib.sha256(self.to_json_str().encode("utf-8")).hexdigest()[:16]
+            self._fingerprint = cached
+        return cached
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/tokenizer.json`` atomically (temp file, fsync, rename); return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        atomic_write_text(path, self.to_json_str())
+        return path
+
+    def special_ids(self) -> dict:
+        """The special token ids by role."""
+        return {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced then renamed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def read_tokenizer_json(path: Path) -> dict:
+    """Parse a tokenizer file, or raise a one-line error naming it."""
+    from ..errors import UserError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable tokenizer file ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a tokenizer file (expected a JSON object)")
+    return data
+
+
+def find_tokenizer_file(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file, else ``path/tokenizer.json``; a missing one is a user error."""
+    from ..errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"tokenizer file not found: {path}")
+    return path
+
+
+def optional_int(value: Optional[int]) -> int:
+    """-1 for a token the tokenizer does not have."""
+    return -1 if value is None else int(value)
