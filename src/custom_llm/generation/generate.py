@@ -1,0 +1,162 @@
+"""The generation engine: token ids in, token ids out (it knows nothing about tokenization).
+
+Small functions in the style of gpt-fast: :func:`prefill` runs the prompt through the model and fills
+the KV cache; :func:`decode_one_token` runs one new token; :func:`~.sampling.sample` picks the next
+token. :class:`Engine` strings them together, keeps the cache for reuse and, on CUDA, compiles the
+decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA graphs). The
+readable reference, :func:`generate_without_cache`, recomputes the whole sequence every step; tests
+hold the engine to it.
+
+Prompts of different lengths are left-padded (see :mod:`.kv_cache` for the time/position scheme).
+
+Legend: B batch, T prompt time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .sampling import SamplingParams, sample
+
+GREEDY = SamplingParams()
+
+
+def prefill(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Run tokens (B, T) at times start .. start + T - 1 through the model; logits of the last one (B, V)."""
+    T = tokens.shape[1]
+    times = torch.arange(start, start + T, device=tokens.device)  # (T,)
+    positions = (times - cache.pad.unsqueeze(1)).clamp_min(0)  # (B, T): padding sits at position 0
+    logits = model(tokens, positions=positions, kv_cache=cache.prefill_view(start, T), logits_to_keep=1)
+    return logits[:, -1]
+
+
+def decode_one_token(model: torch.nn.Module, cache: KVCache, token: torch.Tensor, time: torch.Tensor,
+                     read_len: Optional[int] = None) -> torch.Tensor:
+    """Run token (B, 1) at ``time`` ((1,) tensor); logits (B, V). Static shapes when ``read_len`` is None."""
+    positions = (time - cache.pad).unsqueeze(1)  # (B, 1)
+    return model(token, positions=positions, kv_cache=cache.decode_view(time, read_len))[:, -1]
+
+
+class Engine:
+    """Generates from one model, reusing its KV cache (and compiled decode step) across calls.
+
+    ``compile``: None (default) compiles the decode step on CUDA only; True/False forces it. The
+    compiled step reads fixed-size cache buffers (``static_len`` slots for full-attention layers, by
+    default the model's ``max_seq_len``), so it is traced once and replayed as a CUDA graph.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None):
+        self.model = model.eval()
+        self.device = model.embed_tokens.weight.device
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self.static_len = static_len or model.config.max_seq_len
+        self.cache: Optional[KVCache] = None
+        self._step = None
+        if self.compile:
+            self._step = torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
+        # Inference tensors may not be updated outside inference mode, and compiled code runs the
+        # cache updates itself: plain no_grad there.
+        self._grad_mode = torch.no_grad if self.compile else torch.inference_mode
+
+    def _cache_for(self, batch_size: int, needed: int) -> KVCache:
+        """The cache to use: the previous one when it fits (a new one would trigger a recompile)."""
+        cache = self.cache
+        if cache is None or cache.batch_size != batch_size or cache.max_len < needed:
+            length = max(needed, self.static_len) if self.compile else needed
+            self.cache = cache = KVCache.for_model(self.model, batch_size, length)
+        return cache
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
+               generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,) on the model's device, ``max_new_tokens`` times.
+
+        Nothing here waits for the device; the consumer decides when to look (and may stop early).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        return self._grad_mode()(self._stream)(prompts, max_new_tokens, params, generator)
+
+    def _stream(self, prompts, max_new_tokens, params, generator):
+        B, T = len(prompts), max(len(p) for p in prompts)
+        device = self.device
+        pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
+        tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        cache = self._cache_for(B, T + max_new_tokens)
+        cache.reset(pad)
+        seen = _seen_tokens(prompts, self.model.config.vocab_size, device) if params.repetition_penalty != 1 else None
+        logits = prefill(self.model, cache, tokens)
+        time = torch.full((1,), T, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            token = sample(logits, params, generator, seen)  # (B,)
+            if seen is not None:
+                seen.scatter_(1, token.unsqueeze(1), True)
+            yield token
+            if step == max_new_tokens - 1:
+                break
+            if self._step is not None:
+                logits = self._step(self.model, cache, token.unsqueeze(1), time).clone()
+            else:
+                logits = decode_one_token(self.model, cache, token.unsqueeze(1), time, read_len=T + step + 1)
+            time += 1
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
+                 generator: Optional[torch.Generator] = None, eos_ids: Iterable[int] = (),
+                 check_every: int = 16) -> list[list[int]]:
+        """New tokens per prompt, each list cut before its first EOS (the EOS itself left out).
+
+        Generation ends after ``max_new_tokens`` or once every row has produced an EOS; that is
+        checked every ``check_every`` steps, so the device is not waited on after each token.
+        """
+        eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        steps = []
+        for i, token in enumerate(self.stream(prompts, max_new_tokens, params, generator)):
+            steps.append(token)
+            if eos.numel():
+                finished |= torch.isin(token, eos)
+                if (i + 1) % check_every == 0 and bool(finished.all()):
+                    break
+        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]  # (B, N)
+        stop = set(eos.tolist())
+        return [_cut_at_eos(row, stop) for row in rows]
+
+
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             params: SamplingParams = GREEDY, generator: Optional[torch.Generator] = None,
+             eos_ids: Iterable[int] = (), compile: Optional[bool] = False) -> list[list[int]]:
+    """One-shot :meth:`Engine.generate` (no compilation unless asked: a compile pays off over many calls)."""
+    return Engine(model, compile=compile).generate(prompts, max_new_tokens, params, generator, eos_ids)
+
+
+@torch.inference_mode()
+def generate_without_cache(model: torch.nn.Module, prompt: Sequence[int], max_new_tokens: int,
+                           params: SamplingParams = GREEDY, generator: Optional[torch.Generator] = None) -> list[int]:
+    """The readable reference: a full forward over the whole sequence for every new token (one prompt)."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.embed_tokens.weight.device)  # (1, T)
+    seen = _seen_tokens([prompt], model.config.vocab_size, ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(ids)[:, -1]  # (1, V)
+        token = sample(logits, params, generator, seen)
+        seen[0, token] = True
+        ids = torch.cat((ids, token.view(1, 1)), dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def _seen_tokens(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Bool (B, V): which tokens occur in each prompt (the repetition penalty's context)."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        seen[b, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+    return seen
+
+
+def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[:i]
+    return row
