@@ -1,0 +1,130 @@
+"""The run's environment: device, precision, and (under torchrun) the process group.
+
+``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; with WORLD_SIZE > 1 the trainer joins a process
+group (NCCL on GPUs, gloo on CPUs) and wraps the model in DistributedDataParallel. Rank 0 logs and
+saves; every rank trains on its own slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+log = logging.getLogger("custom_llm.training")
+
+# Published dense peak throughput (FLOP/s) per chip for bf16/fp16 tensor cores, used for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank and world size, device, and the precision policy."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    precision: str
+    """Resolved precision: 'fp32', 'bf16' or 'fp16'."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        """Autocast context for forward passes (a no-op in fp32); weights stay fp32."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' is CUDA when available; 'cuda' without a GPU is a UserError."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(preference: str, device: torch.device) -> str:
+    """'auto': bf16 on CUDA with bf16 support, else fp16 on CUDA, fp32 on CPU."""
+    if preference == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if preference == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    return preference
+
+
+def init_runtime(device_preference: str, precision_preference: str) -> Runtime:
+    """Read the torchrun environment, join the process group when there is more than one rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world_size, local_rank, device, resolve_precision(precision_preference, device))
+
+
+def shutdown(runtime: Runtime) -> None:
+    """Leave the process group (if this process joined one)."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op on one rank)."""
+    if runtime.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(runtime: Runtime) -> None:
+    """Wait for every rank (no-op on one rank)."""
+    if runtime.distributed:
+        dist.barrier()
+
+
+def peak_flops(runtime: Runtime) -> tuple[Optional[float], str]:
+    """(peak FLOP/s of one device, its description), or (None, reason) when unknown."""
+    if runtime.device.type != "cuda":
+        return None, "no published peak for CPUs"
+    name = torch.cuda.get_device_name(runtime.device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            kind = "bf16/fp16 dense" if runtime.precision != "fp32" else "bf16 dense (fp32 run: MFU understated)"
+            return value, f"{name}: {value / 1e12:.0f} TFLOP/s {kind}"
+    return None, f"peak of {name} unknown"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory errors (their type moved between torch versions)."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(exc, oom_type)) or "CUDA out of memory" in str(exc)
+
+
+OOM_HINT = ("CUDA out of memory: lower the micro-batch (raise --train.grad_accum_steps or lower --train.batch_size), "
+            "shorten sequences (--train.seq_len or the curriculum's seq_len), or enable activation checkpointing "
+            "(--model.grad_checkpointing true)")

@@ -1,0 +1,147 @@
+"""A whole training job as ``custom-llm train`` runs it: config, data, resume/init, train, summary, sample.
+
+The order of config sources is preset < config file < command-line overrides. With ``--resume`` the
+checkpoint's own config is the base instead (the architecture cannot change), and the config file's
+and flags' train fields still apply on top, so a resumed run follows the same schedule unless told
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..checkpoint_io import model_state_for_saving, read_json
+from ..config import ModelConfig
+from ..errors import UserError
+from .checkpoint import latest_checkpoint, remove_leftovers
+from .config import TrainConfig, load_config_file, resolve_run_config
+from .distributed import barrier, init_runtime
+from .trainer import TrainResult, train
+
+log = logging.getLogger("custom_llm.training")
+
+
+@dataclasses.dataclass
+class Job:
+    """A resolved training job, ready to run."""
+
+    model: ModelConfig
+    train: TrainConfig
+    out: Path
+    resume: bool = False
+    init: Optional[str] = None
+
+
+def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: dict[str, dict[str, Any]],
+                out: Optional[str], resume: bool, init: Optional[str]) -> Job:
+    """Validate everything (raising one ConfigError/UserError) before anything is written."""
+    file_data = load_config_file(config_file) if config_file else None
+    if preset is None and config_file is None:
+        preset = "tiny"
+    model, train_cfg = resolve_run_config(preset, file_data, overrides)
+    name = preset or Path(config_file).stem
+    out_dir = Path(out) if out else Path("runs") / name
+    ckpt = latest_checkpoint(out_dir)
+    if resume and ckpt is not None:
+        stored = read_json(ckpt / "config.json")
+        explicit = dict((file_data or {}).get("train") or {})
+        explicit.update(overrides.get("train", {}))
+        model, train_cfg = resolve_run_config(None, {"model": stored["model"], "train": stored.get("train", {})},
+                                              {"train": explicit})
+    elif ckpt is not None:
+        raise UserError(f"{out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
+                        f"or --out to start a new one elsewhere")
+    if init is not None and resume and ckpt is not None:
+        raise UserError("--init and --resume together: --resume already continues from the run's own checkpoint")
+    return Job(model, train_cfg, out_dir, resume, init)
+
+
+def _load_init(path: str) -> tuple[ModelConfig, dict, Any]:
+    """(model config, weights, tokenizer) of a checkpoint or Hugging Face folder for --init."""
+    from ..api import load_model, load_tokenizer
+
+    model = load_model(path)
+    return model.config, model_state_for_saving(model), load_tokenizer(path)
+
+
+def _prepare(job: Job, tokenizer: Any):
+    from ..data import prepare_data
+
+    tc = job.train
+    return prepare_data(tc.data or None, tokenizer=tokenizer, tokenizer_kind=tc.tokenizer,
+                        vocab_size=job.model.vocab_size, cache_dir=tc.cache_dir, val_fraction=tc.val_fraction,
+                        text_field=tc.text_field, min_tokens=_longest_seq_len(job) + 1)
+
+
+def run_job(job: Job, progress: bool = True) -> TrainResult:
+    """Prepare data (rank 0 first, others then read its cache), train, then print a summary on rank 0."""
+    from ..data import unigram_entropy
+
+    runtime = init_runtime(job.train.device, job.train.precision)
+    init_state, tokenizer = None, None
+    if job.init is not None:
+        init_model_config, init_state, tokenizer = _load_init(job.init)
+        job.model = init_model_config
+    elif job.resume and latest_checkpoint(job.out) is not None:
+        from ..tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(latest_checkpoint(job.out))
+    for turn in range(2):  # rank 0 builds the tokenizer/token cache, the others read it afterwards
+        if (turn == 0) == runtime.is_main:
+            tokenizer, dataset = _prepare(job, tokenizer)
+        barrier(runtime)
+    if tokenizer.vocab_size != job.model.vocab_size:
+        if job.init is not None or job.resume:
+            raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                            f"{job.model.vocab_size}")
+        log.info("model vocab_size set to the tokenizer's %d (config asked for %d)", tokenizer.vocab_size,
+                 job.model.vocab_size)
+        job.model = dataclasses.replace(job.model, vocab_size=tokenizer.vocab_size)
+    if runtime.is_main:
+        job.out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(job.out)
+    entropy = unigram_entropy(dataset.train)
+    log.info("data: %d train / %d validation tokens; unigram entropy %.3f nats/token", len(dataset.train),
+             len(dataset.val), entropy)
+    result = train(job.model, job.train, job.out, dataset, tokenizer, resume=job.resume, init_state=init_state,
+                   progress=progress, reference_loss=entropy)
+    if runtime.is_main:
+        _summarise(result, entropy, job, tokenizer, [int(t) for t in dataset.val[:16]])
+    return result
+
+
+def _summarise(result: TrainResult, entropy: float, job: Job, tokenizer: Any, prompt: list[int]) -> None:
+    """Print validation loss beside the unigram entropy, and a short sample."""
+    lines = [f"run directory: {result.run_dir} (checkpoint {result.checkpoint.name if result.checkpoint else '-'})",
+             f"steps {result.step}, tokens {result.tokens:,}, skipped non-finite steps {result.bad_steps}"]
+    if result.val_loss is not None:
+        verdict = "better than" if result.val_loss < entropy else "NOT better than"
+        lines.append(f"validation loss {result.val_loss:.3f} nats/token (perplexity {math.exp(result.val_loss):.1f}) "
+                     f"vs unigram entropy {entropy:.3f} nats/token: {verdict} token frequencies alone")
+    print("\n".join(lines))
+    if job.train.sample_tokens > 0 and result.checkpoint is not None and result.checkpoint.is_dir():
+        text = sample_text(result.checkpoint, tokenizer, prompt, job.train.sample_tokens)
+        print(f"sample (greedy, prompt = the first {len(prompt)} validation tokens):\n{text}")
+
+
+def sample_text(checkpoint: Path, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
+    """The prompt followed by the checkpoint model's greedy continuation (on the CPU)."""
+    from ..api import load_model
+    from ..generation import generate
+
+    model = load_model(checkpoint)
+    prompt = prompt or [tokenizer.bos_id]
+    with torch.no_grad():
+        new = generate(model, [prompt], max_new_tokens, eos_ids=[tokenizer.eos_id])[0]
+    return tokenizer.decode(prompt) + "|" + tokenizer.decode(new)
+
+
+def _longest_seq_len(job: Job) -> int:
+    lengths = [job.train.seq_len or job.model.max_seq_len] + [s.seq_len for s in job.train.curriculum]
+    return max(lengths)
