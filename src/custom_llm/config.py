@@ -147,6 +147,8 @@ class ModelConfig:
         if _is_int(self.n_experts) and self.n_experts > 0:
             need(_is_int(self.moe_top_k) and 1 <= self.moe_top_k <= self.n_experts,
                  f"moe_top_k must be between 1 and n_experts ({self.n_experts})")
+        need(not (self.shared_expert_gate and self.n_shared_experts == 0),
+             "shared_expert_gate needs n_shared_experts >= 1")
         need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch must be one of {', '.join(MOE_DISPATCH)}")
         need(_is_number(self.moe_aux_loss_coef) and self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef must be >= 0")
         need(_is_number(self.moe_z_loss_coef) and self.moe_z_loss_coef >= 0, "moe_z_loss_coef must be >= 0")

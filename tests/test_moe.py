@@ -1,0 +1,204 @@
+"""Mixture of experts: dispatch paths against the eager reference, losses by hand, noisy gating, placement."""
+
+import math
+
+import pytest
+import torch
+
+from custom_llm import ModelConfig, Transformer
+from custom_llm.config import model_preset
+from custom_llm.errors import ConfigError
+from custom_llm.model.moe import MoE, _grouped_mm_function
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _config(**overrides):
+    kw = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, n_experts=6,
+              moe_top_k=2, moe_ffn_dim=24, n_shared_experts=1, shared_expert_gate=True, moe_noisy_gating=True)
+    return ModelConfig(**{**kw, **overrides})
+
+
+def _fwd_bwd(layer, x, dispatch, seed=1):
+    """Output, input gradient and parameter gradients of one forward/backward with a fixed noise seed."""
+    layer.dispatch = dispatch
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = layer(x)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + layer.aux_loss + layer.z_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+CPU_PATHS = ["sorted"] + (["grouped_mm"] if _grouped_mm_function() is not None else [])
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dispatch", CPU_PATHS)
+def test_dispatch_paths_match_eager_forward_and_backward(dispatch, training):
+    layer = MoE(_config()).train(training)
+    with torch.no_grad():
+        layer.noise.weight.normal_(0, 0.1)
+    x = torch.randn(3, 17, 32)
+    ref_y, ref_dx, ref_grads = _fwd_bwd(layer, x, "eager")
+    y, dx, grads = _fwd_bwd(layer, x, dispatch)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    names = {"router.weight", "experts.gate_up_proj", "experts.down_proj", "shared_expert_gate.weight"}
+    assert names <= grads.keys()
+    assert ("noise.weight" in grads) == training  # noise only in training
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_eager_reference_matches_naive_per_token_loop():
+    """The eager path against a loop over tokens and their k choices, written from the definition."""
+    layer = MoE(_config(n_shared_experts=0, shared_expert_gate=False, moe_noisy_gating=False,
+                        moe_renormalize=False, moe_dispatch="eager")).eval()
+    x = torch.randn(1, 9, 32)
+    with torch.no_grad():
+        y = layer(x)[0]
+        probs = (x[0] @ layer.router.weight.T).softmax(-1)
+        for t in range(9):
+            top = probs[t].topk(2)
+            expected = torch.zeros(32)
+            for w, e in zip(top.values, top.indices):
+                gate, up = (layer.experts.gate_up_proj[e] @ x[0, t]).chunk(2)
+                expected += w * (layer.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+            torch.testing.assert_close(y[t], expected, atol=1e-6, rtol=0)
+
+
+def test_loss_values_by_hand():
+    """A uniform router: aux loss = K (HF convention: each of a token's K slots counts) and z = log(E)^2."""
+    layer = MoE(_config(moe_noisy_gating=False)).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer(torch.randn(2, 5, 32))
+    torch.testing.assert_close(layer.aux_loss, torch.tensor(2.0))
+    torch.testing.assert_close(layer.z_loss, torch.tensor(math.log(6) ** 2))
+    # A router that sends everything to expert 0 with probability ~1: f_0 = 1 (one of K=2 slots), P_0 = 1.
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        x = torch.randn(2, 5, 32).abs()
+        layer.router.weight[0] = 100.0
+        layer(x)
+    torch.testing.assert_close(layer.aux_loss, torch.tensor(6.0 * 1.0), atol=1e-4, rtol=0)
+    assert layer.expert_load[0] == 0.5 and layer.expert_load.sum() == 1.0
+
+
+def test_expert_load_counts_routed_slots():
+    layer = MoE(_config()).eval()
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        layer(x)
+        _, _, _, idx = layer.route(x.reshape(-1, 32))
+    expected = torch.bincount(idx.flatten(), minlength=6).float() / idx.numel()
+    torch.testing.assert_close(layer.expert_load, expected)
+    assert not layer.expert_load.requires_grad
+
+
+def test_noisy_gating_only_in_training_and_reproducible():
+    layer = MoE(_config())
+    with torch.no_grad():
+        layer.noise.weight.normal_(0, 0.5)
+    x = torch.randn(2, 16, 32)
+    clean = MoE(_config(moe_noisy_gating=False))
+    clean.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("noise")})
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), clean.eval()(x))  # eval: no noise
+        layer.train()
+        torch.manual_seed(3)
+        a = layer(x)
+        torch.manual_seed(3)
+        b = layer(x)
+        c = layer(x)
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-4  # fresh noise changes the routing
+    assert (a - clean.train()(x)).abs().max() > 1e-4
+
+
+def test_renormalize_switch():
+    layer = MoE(_config(moe_noisy_gating=False)).eval()
+    x = torch.randn(4, 32)
+    _, probs, weights, _ = layer.route(x)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    layer.renormalize = False
+    _, probs, weights, _ = layer.route(x)
+    torch.testing.assert_close(weights, probs.topk(2).values)
+
+
+@pytest.mark.parametrize("every,first,expected", [
+    (1, 0, [True] * 4), (2, 0, [True, False, True, False]), (2, 1, [False, True, False, True]),
+    (1, 3, [False, False, False, True]), (3, 0, [True, False, False, True])])
+def test_layer_placement_patterns(every, first, expected):
+    config = _config(n_layers=4, moe_every=every, moe_first_dense=first)
+    assert config.layer_is_moe() == expected
+    model = Transformer(config)
+    assert [isinstance(b.mlp, MoE) for b in model.layers] == expected
+    assert _config(n_experts=0).layer_is_moe() == [False, False]
+
+
+def test_active_params_and_losses_reach_the_model():
+    config = _config(n_layers=3, moe_every=2)
+    model = Transformer(config)
+    counts = model.num_params()
+    routed = sum(b.mlp.routed_expert_params() for b in model.layers if isinstance(b.mlp, MoE))
+    assert routed == 2 * 6 * 3 * 24 * 32
+    assert counts["total"] - counts["active"] == pytest.approx(routed * (1 - 2 / 6))
+    ids = torch.randint(0, 64, (2, 12))
+    out = model.compute_loss(ids, ids)
+    moe_layers = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
+    torch.testing.assert_close(out.aux_loss, sum(m.aux_loss for m in moe_layers))
+    torch.testing.assert_close(out.z_loss, sum(m.z_loss for m in moe_layers))
+
+
+def test_init_weights_scales():
+    model = Transformer(_config(n_layers=2, d_model=64, n_heads=4, moe_ffn_dim=128, init_std=0.05))
+    layer = model.layers[0].mlp
+    out_std = 0.05 / math.sqrt(4)
+    assert abs(layer.experts.gate_up_proj.std().item() - 0.05) < 0.003
+    assert abs(layer.experts.down_proj.std().item() - out_std) < 0.003
+    assert abs(layer.shared_expert.down_proj.weight.std().item() - out_std) < 0.003
+    assert layer.noise.weight.abs().max() == 0
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="moe_top_k"):
+        _config(moe_top_k=7)
+    with pytest.raises(ConfigError, match="shared_expert_gate"):
+        _config(n_shared_experts=0, shared_expert_gate=True)
+
+
+def test_moe_small_preset_learns():
+    assert (model_preset("moe-small").n_experts, model_preset("moe-small").moe_top_k) == (8, 2)
+    assert model_preset("moe-small").n_shared_experts == 1
+    config = model_preset("moe-small", n_layers=2, vocab_size=128, d_model=64, moe_ffn_dim=64, max_seq_len=32)
+    model = Transformer(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 128, (4, 33))
+    losses = []
+    for _ in range(10):
+        out = model.compute_loss(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.cuda
+def test_grouped_mm_bf16_matches_eager_on_cuda():
+    if _grouped_mm_function() is None:
+        pytest.skip("this torch has no grouped_mm")
+    layer = MoE(_config(d_model=64, moe_ffn_dim=64, moe_dispatch="auto")).cuda().train()
+    x = torch.randn(4, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_y, ref_dx, ref_grads = _fwd_bwd(layer, x, "eager")
+        y, dx, grads = _fwd_bwd(layer, x, "grouped_mm")
+    torch.testing.assert_close(y.float(), ref_y.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx, ref_dx, atol=2e-2, rtol=2e-2)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=3e-2, rtol=3e-2, msg=name)
