@@ -1,7 +1,187 @@
-"""``custom-llm generate`` and ``custom-llm eval``."""
-from ._pending import register_pending
+"""``custom-llm generate`` (streamed text from a checkpoint) and ``custom-llm eval`` (loss, perplexity,
+bits per byte on held-out text): argument parsing over :mod:`custom_llm.generation`.
+
+Prompts start with the start token the model saw at the beginning of every training document: EOS
+(the training data's document separator) for custom-llm checkpoints, BOS for Hugging Face folders.
+The context policy for long prompts is :func:`custom_llm.generation.streaming.fit_to_context`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..config import field_docs
+from ..errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def register(sub) -> None:
-    register_pending(sub, "generate", "generate text from a checkpoint")
-    register_pending(sub, "eval", "evaluate loss, perplexity and bits per byte")
+    from ..generation.sampling import SamplingParams
+
+    docs = field_docs(SamplingParams)
+    gen = sub.add_parser("generate", help="generate text from a checkpoint",
+                         description="Stream text generated from a prompt (--prompt, --prompt-file, or one prompt "
+                                     "per line on standard input). Prompts longer than the model's context are "
+                                     "an error; generation is capped to the context when the model has "
+                                     "full-attention layers.")
+    _add_model_args(gen)
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    gen.add_argument("--temperature", type=float, default=0.8, help=docs["temperature"] + " (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=0, help=docs["top_k"])
+    gen.add_argument("--top-p", type=float, default=1.0, help=docs["top_p"])
+    gen.add_argument("--min-p", type=float, default=0.0, help=docs["min_p"])
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help=docs["repetition_penalty"])
+    gen.add_argument("--seed", type=int, default=0, help="random seed: the same seed and flags give the same text")
+    gen.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                     help="stop when the text contains one of these strings (not printed)")
+    gen.add_argument("--no-compile", action="store_true",
+                     help="do not compile the decode step (compiled with CUDA graphs by default on CUDA)")
+    gen.set_defaults(func=run_generate)
+
+    ev = sub.add_parser("eval", help="evaluate loss, perplexity and bits per byte",
+                        description="Evaluate a checkpoint on held-out text: loss (nats/token), perplexity, and "
+                                    "bits per byte (total nats / ln 2 / UTF-8 bytes: tokenizer-independent).")
+    _add_model_args(ev)
+    ev.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                    help="held-out text: files, directories, globs or .jsonl files (as for training)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ev.set_defaults(func=run_eval)
+
+
+def _add_model_args(parser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory, run directory (newest checkpoint) "
+                                                      "or Hugging Face model folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights dtype (default auto: bfloat16 on CUDA, float32 elsewhere)")
+
+
+def _load(args):
+    """(model, tokenizer, start token id or None) from --ckpt / --device / --dtype."""
+    import torch
+
+    from ..api import is_hf_folder, load_model, load_tokenizer
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if not Path(args.ckpt).exists():
+        raise UserError(f"checkpoint not found: {args.ckpt}")
+    model = load_model(args.ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(args.ckpt)
+    start = tokenizer.bos_id if is_hf_folder(Path(args.ckpt)) else tokenizer.eos_id
+    return model, tokenizer, (start if start is not None and start >= 0 else None)
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from ..generation import Engine, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    prompt_text = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
+    model, tokenizer, start = _load(args)
+    engine = Engine(model, compile=False if args.no_compile else None)
+    interactive = prompt_text is None
+    for text in _prompts(prompt_text):
+        try:
+            generator = torch.Generator(device=engine.device).manual_seed(args.seed)
+            _generate_one(engine, tokenizer, start, text, args, params, generator)
+        except UserError as exc:
+            if not interactive:
+                raise
+            sys.stderr.write(f"error: {exc}\n")
+    return 0
+
+
+def _generate_one(engine, tokenizer, start: Optional[int], text: str, args, params, generator) -> None:
+    """Stream the continuation of one prompt to stdout, as it is produced."""
+    from ..generation.streaming import StopStrings, fit_to_context
+
+    ids = ([start] if start is not None else []) + tokenizer.encode(text)
+    if not ids:
+        raise UserError("the prompt is empty and the tokenizer has no start token")
+    model = engine.model
+    max_new, notice = fit_to_context(len(ids), args.max_new_tokens, model.config.max_seq_len, engine.has_full_attention)
+    if notice:
+        sys.stderr.write(notice + "\n")
+    decoder, stops, out = tokenizer.incremental_decoder(), StopStrings(args.stop), sys.stdout
+    for token in engine.stream([ids], max_new, params, generator):
+        token_id = int(token[0])
+        if token_id == tokenizer.eos_id:
+            break
+        out.write(stops.push(decoder.push(token_id)))
+        out.flush()
+        if stops.stopped:
+            break
+    if not stops.stopped:
+        out.write(stops.push(decoder.flush()) + stops.flush())
+    out.write("\n")
+    out.flush()
+
+
+def _read_prompt_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompt file {path}: {exc}") from None
+
+
+def _prompts(text: Optional[str]) -> Iterator[str]:
+    """The one prompt given, or one prompt per line of standard input (interactive)."""
+    if text is not None:
+        yield text
+        return
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def run_eval(args) -> int:
+    from ..data import load_documents
+    from ..generation.evaluate import evaluate_texts
+
+    for name in ("max_tokens", "seq_len", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    model, tokenizer, start = _load(args)
+    context = model.config.max_seq_len
+    seq_len = args.seq_len or context
+    if seq_len > context:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens (max_seq_len)")
+    docs = load_documents(args.data)
+    result = evaluate_texts(model, tokenizer, [d.text for d in docs], start_id=start, seq_len=seq_len,
+                            batch_size=args.batch_size, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(vars(result)))
+    else:
+        print(f"loss: {result.loss:.4f} nats/token\nperplexity: {result.perplexity:.3f}\n"
+              f"bits per byte: {result.bits_per_byte:.4f}\ntokens: {result.tokens}\nbytes: {result.bytes}")
+    return 0

@@ -53,6 +53,7 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.static_len = static_len or model.config.max_seq_len
+        self.has_full_attention = any(w is None for w in model.layer_windows)
         self.cache: Optional[KVCache] = None
         self._step = None
         if self.compile:
@@ -64,7 +65,8 @@ class Engine:
     def _cache_for(self, batch_size: int, needed: int) -> KVCache:
         """The cache to use: the previous one when it fits (a new one would trigger a recompile)."""
         cache = self.cache
-        if cache is None or cache.batch_size != batch_size or cache.max_len < needed:
+        too_short = cache is not None and self.has_full_attention and cache.max_len < needed
+        if cache is None or cache.batch_size != batch_size or too_short:
             length = max(needed, self.static_len) if self.compile else needed
             self.cache = cache = KVCache.for_model(self.model, batch_size, length)
         return cache

@@ -47,6 +47,7 @@ class KVCache:
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) left padding per row
         self.full_slots = torch.arange(max_len, device=device)  # (max_len,) time held by each full slot
         self.windows = sorted({w for w in self.layer_windows if w is not None})
+        self.has_full = any(w is None for w in self.layer_windows)
         self.ring_slots = {w: torch.arange(w, device=device) for w in self.windows}  # (W,)
         if torch.device(device).type == "cuda" and hasattr(torch, "_dynamo"):
             # CUDA graphs may then update the buffers in place instead of copying them every step.
@@ -100,8 +101,9 @@ class PrefillView:
         q_time = torch.arange(start, start + length, device=device).view(1, -1, 1)  # (1, T, 1)
         self.chunk_slots = torch.arange(start, start + length, device=device)  # (T,)
 
-        full_k = cache.full_slots[: start + length].view(1, 1, -1)  # (1, 1, S)
-        self.full_mask = _visible(q_time, full_k, pad, None).unsqueeze(1)  # (B, 1, T, S)
+        if cache.has_full:
+            full_k = cache.full_slots[: start + length].view(1, 1, -1)  # (1, 1, S)
+            self.full_mask = _visible(q_time, full_k, pad, None).unsqueeze(1)  # (B, 1, T, S)
         self.window_masks = {}
         for w in cache.windows:
             ring_k = ring_slot_times(cache.ring_slots[w], start - 1, w)  # (W,) times already in the ring
@@ -136,9 +138,10 @@ class DecodeView:
         self.time = time  # (1,)
         self.read_len = read_len
         pad = cache.pad.view(-1, 1)  # (B, 1)
-        full_k = cache.full_slots if read_len is None else cache.full_slots[:read_len]
-        # Decode times are past the padding, so the query's own key is always visible.
-        self.full_mask = ((full_k <= time) & (full_k >= pad)).view(cache.batch_size, 1, 1, -1)  # (B, 1, 1, S)
+        if cache.has_full:
+            full_k = cache.full_slots if read_len is None else cache.full_slots[:read_len]
+            # Decode times are past the padding, so the query's own key is always visible.
+            self.full_mask = ((full_k <= time) & (full_k >= pad)).view(cache.batch_size, 1, 1, -1)  # (B, 1, 1, S)
         self.window_masks = {}
         self.ring_index = {}
         for w in cache.windows:
