@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 # Bytes of fp32 logits per chunk: small enough to stay in the CPU allocator's reused blocks (large
 # fresh allocations pay page faults each step), large enough for efficient GPU matmuls.
-CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 
 
 def reference_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -68,7 +68,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(ok.unsqueeze(1))
                 grad = grad.to(dtype)
                 grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)
-                grad_weight += (grad.t() @ h).float()
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h)  # (V, n) @ (n, C), accumulated in place
+                else:
+                    grad_weight += (grad.t() @ h).float()
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss / count
