@@ -103,6 +103,9 @@ class Trainer:
         batch, seq_len, _ = self._shape()
         self.loader = BatchLoader(dataset.train, batch // self.rt.world_size, seq_len, seed=tc.seed,
                                   rank=self.rt.rank, world_size=self.rt.world_size)
+        if resume and self.rt.is_main:
+            remove_leftovers(self.run_dir)  # a save cut short by a crash; the last complete one stands
+        barrier(self.rt)
         self.resumed_from = latest_checkpoint(self.run_dir) if resume else None
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
