@@ -1,6 +1,43 @@
-"""``custom-llm bench``."""
-from ._pending import register_pending
+"""``custom-llm bench``: side-by-side benchmarks against Hugging Face (see :mod:`custom_llm.bench`)."""
+
+from __future__ import annotations
+
+import sys
 
 
 def register(sub) -> None:
-    register_pending(sub, "bench", "benchmark against Hugging Face transformers")
+    from ..bench.runner import CASES, DEFAULT_CASES
+
+    parser = sub.add_parser("bench", help="benchmark against Hugging Face transformers",
+                            description="Run each case for our implementation and the Hugging Face reference "
+                                        "alternately in one process and report medians; ratio = ours / ref.")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated cases out of {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON object per line: {"case", "ours", "ref", "ratio", "unit", "device", "config"}')
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per side (default: 3 CPU, 5 CUDA)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke test)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="do not torch.compile our model (compiled by default on CUDA)")
+    parser.add_argument("--ref-compile", action="store_true",
+                        help="also torch.compile the Hugging Face reference in training cases")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench import format_table, run_benchmarks
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    results = []
+    for result in run_benchmarks(cases, args.device, repeats=args.repeats, quick=args.quick,
+                                 compile=args.compile, ref_compile=args.ref_compile):
+        results.append(result)
+        if args.json:
+            print(result.to_json(), flush=True)
+        else:
+            ratio = "-" if result.ratio is None else f"{result.ratio:.2f}x"
+            print(f"[{result.case}] ours {result.ours:.4g} {result.unit}, ratio {ratio}", file=sys.stderr, flush=True)
+    if not args.json:
+        print(format_table(results))
+    return 0

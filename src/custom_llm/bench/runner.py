@@ -1,0 +1,78 @@
+"""The case registry and the runner behind ``custom-llm bench``."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import UserError
+from .context import Context
+from .core import Result
+from .sizes import sizes_for
+
+
+def _case(module: str, name: str) -> Callable[[Context], Result]:
+    """A case function imported on first use (so one case's heavy imports do not slow the others)."""
+
+    def run(ctx: Context) -> Result:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(ctx)
+
+    run.__name__ = name
+    return run
+
+
+CASES: dict[str, Callable[[Context], Result]] = {
+    "train_dense": _case("train_cases", "train_dense"),
+    "train_moe": _case("train_cases", "train_moe"),
+    "decode": _case("inference_cases", "decode"),
+    "prefill": _case("inference_cases", "prefill"),
+    "tokenize": _case("tokenize_case", "tokenize"),
+    "grad_ckpt_memory": _case("train_cases", "grad_ckpt_memory"),
+    "curriculum": _case("curriculum_case", "curriculum"),
+}
+"""Every case, in the order they run."""
+
+DEFAULT_CASES = tuple(name for name in CASES if name != "curriculum")
+"""Cases run without ``--cases``; ``curriculum`` trains two small models and runs only when named."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu' or 'cuda' as a device; a UserError when CUDA is asked for and absent."""
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda (got {name!r})")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_cases(names: Optional[Sequence[str]]) -> list[str]:
+    """The cases to run, in registry order; a UserError naming any unknown case."""
+    if not names:
+        return list(DEFAULT_CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise UserError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    return [n for n in CASES if n in names]
+
+
+def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *, repeats: Optional[int] = None,
+                   quick: bool = False, compile: Optional[bool] = None, ref_compile: bool = False,
+                   seed: int = 0) -> Iterator[Result]:
+    """Run the cases one after the other, yielding each result as soon as it is measured.
+
+    ``compile`` (default: on CUDA only, and never with ``quick``) compiles our training blocks and
+    decode step; ``ref_compile`` also compiles the Hugging Face reference in training cases.
+    """
+    names = resolve_cases(cases)
+    dev = resolve_device(device)
+    if repeats is not None and repeats < 1:
+        raise UserError(f"--repeats must be at least 1 (got {repeats})")
+    if compile is None:
+        compile = dev.type == "cuda" and not quick
+    ctx = Context(device=dev, sizes=sizes_for(dev, quick, repeats), compile=compile, ref_compile=ref_compile,
+                  seed=seed)
+    for name in names:
+        yield CASES[name](ctx)
