@@ -171,3 +171,11 @@ def test_export_import_round_trip_keeps_weights(hf_folder, tmp_path):
         assert second[name].dtype == torch.bfloat16
         torch.testing.assert_close(second[name].float(), tensor.to(torch.bfloat16).float(), atol=0, rtol=0)
     assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_import_refuses_nonzero_llama_o_proj_bias(tmp_path, capsys):
+    """HF Llama's attention_bias also biases o_proj; we import it only when that bias is zero."""
+    folder = export_hf(Transformer(ModelConfig(**TINY, attn_bias=True)), tmp_path / "hf")
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "ok")]) == 0
+    _rewrite_weights(folder, lambda t: t["model.layers.0.self_attn.o_proj.bias"].fill_(0.5))
+    _fails(["import", "--hf", str(folder), "--out", str(tmp_path / "ckpt")], capsys, "o_proj.bias")
