@@ -2,15 +2,15 @@
 
 Which architecture a model exports to follows from the model itself:
 
-==========================================================  ======================
-our config                                                  Hugging Face class
-==========================================================  ======================
-dense, full attention on every layer                        LlamaForCausalLM
-dense, the same sliding window on every layer               MistralForCausalLM
-MoE on every layer, no shared expert, renormalised top-k    MixtralForCausalLM
-MoE with one sigmoid-gated shared expert (any dense layers,  Qwen2MoeForCausalLM
-any per-layer window pattern, q/k/v bias optional)
-==========================================================  ======================
+=============================================================  ====================
+our config                                                     Hugging Face class
+=============================================================  ====================
+dense, full attention on every layer (q/k/v bias optional)     LlamaForCausalLM
+dense, the same sliding window on every layer                  MistralForCausalLM
+MoE on every layer, no shared expert, renormalised top-k       MixtralForCausalLM
+MoE + one sigmoid-gated shared expert (dense layers, window    Qwen2MoeForCausalLM
+pattern, q/k/v bias and renormalisation all optional)
+=============================================================  ====================
 
 Anything none of them represents exactly is refused with a :class:`UserError` naming the feature
 (see :func:`choose_architecture`). Training-only settings (dropout, LayerDrop, router noise, gradient
