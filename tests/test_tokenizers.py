@@ -189,3 +189,27 @@ def test_char_fallback_when_tokenizers_is_unimportable(tmp_path):
     assert "bpe error: the 'tokenizers' package is not installed" in out.stdout
     notices = [line for line in out.stderr.splitlines() if "character tokenizer" in line]
     assert len(notices) == 2  # one line per kind="auto" training
+
+
+def test_foreign_sentencepiece_style_file_streams_without_broken_characters(tmp_path):
+    """An HF file that is not byte-level (Metaspace + byte fallback) uses the prefix-diff decoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator(_corpus(2000), trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
+                                                              + byte_tokens, show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, -1)
+    text = "kato 🙂 rimu\nzor 中文 ✓"
+    ids = tok.encode(text)
+    assert any(hf.id_to_token(i).startswith("<0x") for i in ids)  # some characters were split into bytes
+    dec = tok.incremental_decoder()
+    parts = [dec.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in parts)
+    assert "".join(parts) + dec.flush() == tok.decode(ids)
