@@ -1,0 +1,126 @@
+"""Trainer: gradient accumulation equivalence, non-finite steps, what a run writes."""
+
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from custom_llm import ModelConfig
+from custom_llm.training.config import TrainConfig
+from custom_llm.training.trainer import Trainer, TrainingStopped, train
+
+MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run faster on one thread on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def dataset(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 64, size=29)
+    tokens = np.concatenate([np.roll(base, i) for i in range(n // 29 + 1)])[:n].astype(np.uint16)
+    return types.SimpleNamespace(train=tokens[: n * 9 // 10], val=tokens[n * 9 // 10:])
+
+
+def config(**kw):
+    base = dict(max_steps=4, batch_size=8, lr=1e-2, warmup_steps=0, eval_every=0, eval_batches=1, eval_batch_size=4,
+                log_every=1, device="cpu", precision="fp32", sample_tokens=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _captured_grads(trainer):
+    """Run one trainer step, recording the gradients its optimizer would apply (and not applying them)."""
+    grads = {}
+
+    def record(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.optimizer.step = record
+    loss = trainer._train_step(False)[0]
+    return loss, grads
+
+
+def test_accumulated_micro_batches_equal_one_batch(tmp_path):
+    from custom_llm.data import BatchLoader
+    from custom_llm.model import Transformer
+
+    data = dataset()
+    cfg = dict(grad_clip=0.0)
+    loss1, grads1 = _captured_grads(Trainer(MODEL, config(**cfg), tmp_path / "k1", data, progress=False))
+    loss4, grads4 = _captured_grads(Trainer(MODEL, config(grad_accum_steps=4, **cfg), tmp_path / "k4", data,
+                                            progress=False))
+    # independent reference: the same initial weights and batch, one plain backward pass
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    x, y = BatchLoader(data.train, 8, 16, seed=0).next_batch()
+    out = model.compute_loss(x, y)
+    out.loss.backward()
+    assert loss1 == pytest.approx(out.lm_loss.item(), rel=1e-6)
+    assert loss4 == pytest.approx(out.lm_loss.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads1[name], p.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grads4[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_step_is_skipped_and_run_stops_after_max_bad(tmp_path):
+    trainer = Trainer(MODEL, config(max_bad_steps=3, max_steps=10), tmp_path / "run", dataset(), progress=False)
+    real = trainer.model.compute_loss
+
+    def poisoned(x, y):
+        out = real(x, y)
+        out.loss = out.loss * float("nan")
+        out.lm_loss = out.lm_loss * float("nan")
+        return out
+
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.compute_loss = poisoned
+    _, _, applied, _ = trainer._train_step(False)
+    assert not applied
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name  # no update
+    trainer.step = 0
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss"):
+        trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_steps"] == 3 and "loss" not in rows[-1]
+    assert not list((tmp_path / "run").glob("ckpt-*"))
+
+
+def test_run_writes_metrics_plot_and_keeps_newest_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    cfg = config(max_steps=6, save_every=2, keep_checkpoints=2, eval_every=3, schedule="wsd",
+                 curriculum=[dict(seq_len=8, batch_size=4, max_steps=3), dict(seq_len=16, batch_size=8)])
+    result = train(MODEL, cfg, run, dataset(), progress=False, reference_loss=4.0)
+    assert result.step == 6 and result.stopped == "done" and result.tokens == 3 * 4 * 8 + 3 * 8 * 16
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-4", "ckpt-6"]
+    assert (run / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all({"tokens", "lr", "stage"} <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    change = [r for r in rows if "stage_change" in r]
+    assert change[0]["step"] == 3 and change[0]["stage_change"]["reason"] == "max_steps"
+    # sqrt rule: stage 0 has batch 4 against the base batch 8 -> lr x sqrt(1/2) during warmup-free plateau
+    assert rows[0]["lr"] == pytest.approx(1e-2 * math.sqrt(0.5))
+    assert result.val_loss == pytest.approx(rows[-1]["val_loss"])
+    state = json.loads((run / "ckpt-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["curriculum"]["stage"] == 1 and len(state["evals"]) == 2
+    config_json = json.loads((run / "ckpt-6" / "config.json").read_text())
+    assert config_json["format"] == "custom-llm" and config_json["train"]["max_steps"] == 6
+
+
+def test_moe_run_logs_expert_load(tmp_path):
+    moe = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, n_experts=4,
+                      moe_top_k=2, moe_ffn_dim=32)
+    train(moe, config(max_steps=2), tmp_path / "run", dataset(), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    load = rows[0]["moe_load"]
+    assert len(load) == 2 and len(load[0]) == 4 and sum(load[0]) == pytest.approx(1.0, abs=1e-3)
