@@ -44,19 +44,20 @@ def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: di
     file_data = load_config_file(config_file) if config_file else None
     if preset is None and config_file is None:
         preset = "tiny"
-    model, train_cfg = resolve_run_config(preset, file_data, overrides)
     name = preset or Path(config_file).stem
     out_dir = Path(out) if out else Path("runs") / name
     ckpt = latest_checkpoint(out_dir)
-    if resume and ckpt is not None:
+    if resume and ckpt is not None:  # the checkpoint's config is the base; train fields given now apply on top
         stored = read_json(ckpt / "config.json")
         explicit = dict((file_data or {}).get("train") or {})
         explicit.update(overrides.get("train", {}))
         model, train_cfg = resolve_run_config(None, {"model": stored["model"], "train": stored.get("train", {})},
                                               {"train": explicit})
-    elif ckpt is not None:
-        raise UserError(f"{out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
-                        f"or --out to start a new one elsewhere")
+    else:
+        model, train_cfg = resolve_run_config(preset, file_data, overrides)
+        if ckpt is not None:
+            raise UserError(f"{out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that "
+                            f"run or --out to start a new one elsewhere")
     if init is not None and resume and ckpt is not None:
         raise UserError("--init and --resume together: --resume already continues from the run's own checkpoint")
     return Job(model, train_cfg, out_dir, resume, init)
