@@ -292,3 +292,14 @@ def test_unigram_entropy_by_hand():
     assert unigram_entropy(np.array([3, 3, 3])) == pytest.approx(0.0)
     p = np.array([0.5, 0.25, 0.25])
     assert unigram_entropy(np.array([0, 0, 1, 2])) == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_document_names_do_not_depend_on_where_the_corpus_lies(tmp_path, monkeypatch):
+    for base in ("one", "two/deeper"):
+        _write(tmp_path / base / "corpus" / "sub" / "a.txt", "alpha")
+        _write(tmp_path / base / "single.txt", "beta")
+    names = [[d.name for d in load_documents([str(tmp_path / base / "corpus"), str(tmp_path / base / "single.txt")])]
+             for base in ("one", "two/deeper")]
+    assert names[0] == names[1] == ["corpus/sub/a.txt", "single.txt"]
+    monkeypatch.chdir(tmp_path / "one")
+    assert [d.name for d in load_documents(["corpus"])] == ["corpus/sub/a.txt"]

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..tokenizers import Tokenizer, load_tokenizer, resolve_kind, train_tokenizer
 from ..tokenizers.base import TOKENIZER_FILE
 from .sources import Document, load_documents
-from .tokens import TokenDataset, _unit_hash, build_token_dataset, corpus_fingerprint, default_cache_dir, split_documents
+from .tokens import TokenDataset, unit_hash, build_token_dataset, corpus_fingerprint, default_cache_dir, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def tokenizer_training_subset(docs: Sequence[Document], max_chars: int = TOKENIZ
     if sum(len(d.text) for d in docs) <= max_chars:
         return list(docs)
     chosen, size = [], 0
-    for doc in sorted(docs, key=lambda d: _unit_hash(d.name)):
+    for doc in sorted(docs, key=lambda d: unit_hash(d.name)):
         if size >= max_chars:
             break
         chosen.append(doc)

@@ -32,14 +32,19 @@ log = logging.getLogger(__name__)
 
 BINARY_PROBE = 8192  # bytes inspected for NUL bytes when deciding that a file is binary
 GLOB_CHARS = set("*?[")
-# Folders of the standard library left out of the default corpus: installed third-party packages,
-# byte-code caches, and files whose point is to be malformed (bad encodings, syntax errors).
+# Folders of the standard library left out of the default corpus: installed third-party packages and
+# byte-code caches.
 DEFAULT_CORPUS_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
 @dataclass(frozen=True)
 class Document:
-    """One unit of text: a file, a JSON line or a dataset row; ``name`` identifies it (used for the split)."""
+    """One unit of text: a file, a JSON line or a dataset row.
+
+    ``name`` identifies it for the train/validation split and the cache fingerprint, so it does not
+    depend on where the corpus lies: a file named directly is its file name, a file found in a directory
+    is ``<directory name>/<relative path>``, a JSON line adds ``:<line number>``.
+    """
 
     name: str
     text: str
@@ -78,13 +83,13 @@ def _load_source(source: str, text_field: str, exts: Optional[set]) -> List[Docu
     if path.is_dir():
         return _load_directory(path, text_field, exts)
     if path.is_file():
-        return _load_file(path, text_field, must_be_text=True)
+        return _load_file(path, path.name, text_field, must_be_text=True)
     if GLOB_CHARS & set(source):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
         files = [p for p in matches if p.is_file() and (exts is None or p.suffix.lower() in exts)]
         if not files:
             raise UserError(f"no files match {source}")
-        return [doc for p in files for doc in _load_file(p, text_field, must_be_text=True)]
+        return [doc for p in files for doc in _load_file(p, p.as_posix(), text_field, must_be_text=True)]
     raise UserError(f"data source not found: {source}")
 
 
@@ -93,7 +98,8 @@ def _load_directory(root: Path, text_field: str, exts: Optional[set]) -> List[Do
     for path in _walk(root):
         if exts is not None and path.suffix.lower() not in exts:
             continue
-        loaded = _load_file(path, text_field, must_be_text=False)
+        name = f"{root.resolve().name}/{path.relative_to(root).as_posix()}"
+        loaded = _load_file(path, name, text_field, must_be_text=False)
         if loaded is None:
             skipped.append(path)
         else:
@@ -112,7 +118,7 @@ def _walk(root: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.as_posix())
 
 
-def _load_file(path: Path, text_field: str, must_be_text: bool) -> Optional[List[Document]]:
+def _load_file(path: Path, name: str, text_field: str, must_be_text: bool) -> Optional[List[Document]]:
     """A file's documents; a binary file is an error when named directly, else None (skipped)."""
     try:
         data = path.read_bytes()
@@ -124,8 +130,8 @@ def _load_file(path: Path, text_field: str, must_be_text: bool) -> Optional[List
         return None
     text = decode_text(data, path)
     if path.suffix.lower() == ".jsonl":
-        return parse_jsonl(text, path, text_field)
-    return [Document(str(path), text)]
+        return parse_jsonl(text, path, text_field, name)
+    return [Document(name, text)]
 
 
 def decode_text(data: bytes, path: Path) -> str:
@@ -137,7 +143,7 @@ def decode_text(data: bytes, path: Path) -> str:
         return data.decode("utf-8-sig", errors="replace")
 
 
-def parse_jsonl(text: str, path: Path, text_field: str) -> List[Document]:
+def parse_jsonl(text: str, path: Path, text_field: str, name: Optional[str] = None) -> List[Document]:
     """One document per non-blank line, from the string under ``text_field``."""
     docs = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -152,7 +158,7 @@ def parse_jsonl(text: str, path: Path, text_field: str) -> List[Document]:
         value = row[text_field]
         if not isinstance(value, str):
             raise UserError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")
-        docs.append(Document(f"{path}:{lineno}", value))
+        docs.append(Document(f"{name or path.name}:{lineno}", value))
     return docs
 
 
@@ -186,7 +192,8 @@ def default_corpus_root() -> Path:
 def default_corpus_files(root: Optional[Path] = None) -> List[Path]:
     """Every ``.py`` file of the standard library (test suites included), sorted by relative path.
 
-    About 30 MB on CPython 3.11. Left out: site-packages, __pycache__ and hidden folders.
+    On CPython 3.11: 1758 files, 31.5 MB (12 MB outside the test suites). Left out: site-packages,
+    __pycache__ and hidden folders.
     """
     root = Path(root) if root is not None else default_corpus_root()
     files = []
@@ -197,7 +204,10 @@ def default_corpus_files(root: Optional[Path] = None) -> List[Path]:
 
 
 def default_corpus_documents(root: Optional[Path] = None) -> List[Document]:
-    """The default corpus; files that are not valid UTF-8 text (deliberately broken test inputs) are skipped."""
+    """The default corpus, named ``stdlib/<relative path>``.
+
+    Files that are not valid UTF-8 text (test inputs that are broken on purpose) are skipped silently.
+    """
     root = Path(root) if root is not None else default_corpus_root()
     docs = []
     for path in default_corpus_files(root):

@@ -67,7 +67,7 @@ def split_documents(docs: Sequence[Document], val_fraction: float = 0.05) -> Tup
         return docs, []
     if len(docs) == 1:
         return _split_text(docs[0], val_fraction)
-    keyed = sorted(((_unit_hash(d.name), i) for i, d in enumerate(docs)))
+    keyed = sorted(((unit_hash(d.name), i) for i, d in enumerate(docs)))
     n_val = sum(1 for u, _ in keyed if u < val_fraction)
     n_val = min(max(n_val, 1), len(docs) - 1)
     val_idx = {i for _, i in keyed[:n_val]}
@@ -76,7 +76,8 @@ def split_documents(docs: Sequence[Document], val_fraction: float = 0.05) -> Tup
     return train, val
 
 
-def _unit_hash(name: str) -> float:
+def unit_hash(name: str) -> float:
+    """A stable pseudo-random number in [0, 1) from a document name."""
     digest = hashlib.blake2b(name.encode("utf-8", "replace"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 
