@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import List, Optional, Sequence
 
-import numpy as np
-
 from ..tokenizers import Tokenizer
 from .sources import Document
 from .tokens import ENCODE_CHUNK_CHARS, encode_documents, token_dtype
@@ -52,8 +50,3 @@ def _best(fn, repeats: int) -> float:
         best = min(best, time.perf_counter() - start)
     return best
 
-
-def token_stream(tokenizer: Tokenizer, docs: Sequence[Document]) -> np.ndarray:
-    """All of ``docs`` as one in-memory token array (EOS after each document); no cache involved."""
-    parts = list(encode_documents(docs, tokenizer, token_dtype(tokenizer.vocab_size)))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=token_dtype(tokenizer.vocab_size))
