@@ -303,3 +303,17 @@ def test_document_names_do_not_depend_on_where_the_corpus_lies(tmp_path, monkeyp
     assert names[0] == names[1] == ["corpus/sub/a.txt", "single.txt"]
     monkeypatch.chdir(tmp_path / "one")
     assert [d.name for d in load_documents(["corpus"])] == ["corpus/sub/a.txt"]
+
+
+def test_state_from_one_world_size_resumes_the_same_global_stream_under_another():
+    tokens = np.arange(50_000, dtype=np.uint32)
+    single = BatchLoader(tokens, 8, 16, seed=2)
+    single.next_batch()
+    state = single.state_dict()
+    expected = single.next_batch()[0]
+    ranks = [BatchLoader(tokens, 1, 16, rank=r, world_size=4) for r in range(4)]
+    for r in ranks:
+        r.load_state_dict(state)
+    torch.testing.assert_close(torch.cat([r.next_batch()[0] for r in ranks]), expected)
+    with pytest.raises(UserError, match="does not split over 3 ranks"):
+        BatchLoader(tokens, 1, 16, world_size=3).load_state_dict(state)

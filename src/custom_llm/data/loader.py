@@ -3,7 +3,9 @@
 Each step draws ``world_size * batch_size`` window starts from one seeded generator (nanoGPT style:
 uniform offsets, windows of T+1 tokens) and rank r keeps its own slice of them. Every rank thus reads
 different windows, and the ranks together see exactly the batches a single process with
-``world_size * batch_size`` rows would see. The generator's state is part of ``state_dict``.
+``world_size * batch_size`` rows would see. The generator's state is part of ``state_dict`` and is
+the same on every rank, so saving rank 0's state suffices; restoring it under another world size that
+divides the global batch continues the same global stream.
 
 Legend: B batch rows, T sequence length, W world size.
 """
@@ -66,16 +68,18 @@ class BatchLoader:
                         "has_uint32": int(rng["has_uint32"]), "uinteger": int(rng["uinteger"])}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state_dict`` was taken (same tokens required)."""
+        """Continue exactly where ``state_dict`` was taken (same tokens; the global batch is kept)."""
         if state.get("version") != STATE_VERSION:
             raise UserError(f"unsupported data loader state version {state.get('version')}")
         if int(state["num_tokens"]) != len(self.tokens):
             raise UserError(f"the data changed since this state was saved ({state['num_tokens']} tokens then, "
                             f"{len(self.tokens)} now)")
-        if int(state["world_size"]) != self.world_size:
-            raise UserError(f"state saved with world_size {state['world_size']}, now {self.world_size}")
+        global_batch = int(state["batch_size"]) * int(state["world_size"])
+        if global_batch % self.world_size:
+            raise UserError(f"the saved global batch of {global_batch} rows does not split over "
+                            f"{self.world_size} ranks")
         self.seed, self.step = int(state["seed"]), int(state["step"])
-        self.set_shape(int(state["batch_size"]), int(state["seq_len"]))
+        self.set_shape(global_batch // self.world_size, int(state["seq_len"]))
         rng = state["rng"]
         self._rng.bit_generator.state = {
             "bit_generator": "PCG64", "state": {"state": int(rng["state"], 16), "inc": int(rng["inc"], 16)},
