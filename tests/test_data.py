@@ -317,3 +317,26 @@ def test_state_from_one_world_size_resumes_the_same_global_stream_under_another(
     torch.testing.assert_close(torch.cat([r.next_batch()[0] for r in ranks]), expected)
     with pytest.raises(UserError, match="does not split over 3 ranks"):
         BatchLoader(tokens, 1, 16, world_size=3).load_state_dict(state)
+
+
+def test_hf_source_column_handling_with_a_stand_in_datasets_module(monkeypatch):
+    """Our side of hf:NAME:CONFIG (argument passing, column checks) without the real package."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeDataset:
+        column_names = ["content", "id"]
+
+        def __getitem__(self, column):
+            return {"content": ["first", None, "third"], "id": [1, 2, 3]}[column]
+
+    fake = types.ModuleType("datasets")
+    fake.DatasetDict = dict
+    fake.load_dataset = lambda name, config, split: calls.append((name, config, split)) or FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = load_documents(["hf:some/name:cfg"], text_field="content")
+    assert [d.text for d in docs] == ["first", "third"] and calls == [("some/name", "cfg", "train")]
+    with pytest.raises(UserError, match=r"hf:some/name: no 'text' column \(columns: content, id\)"):
+        load_documents(["hf:some/name"])
