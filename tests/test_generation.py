@@ -10,6 +10,15 @@ from custom_llm.generation import (Engine, KVCache, SamplingParams, decode_one_t
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread (no OpenMP hand-offs for microsecond-sized ops)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(**overrides) -> Transformer:
     kw = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
               tie_embeddings=False, init_std=0.1)
