@@ -76,6 +76,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(times: dict[str, list[float]]) -> Optional[float]:
+    """Median over rounds of ref_time / ours_time within each round: a throughput ratio that a change
+    of machine load between rounds disturbs less than the ratio of medians (reported beside it)."""
+    if "ref" not in times or not times["ref"]:
+        return None
+    return median([r / o for o, r in zip(times["ours"], times["ref"])])
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated by torch during ``fn()`` above what was allocated before it.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .context import Context, build_model, dtype_name
-from .core import Result, median, time_alternating
+from .core import Result, median, paired_ratio, time_alternating
 from .hf_reference import hf_twin, transformers_version
 
 
@@ -63,7 +63,7 @@ def decode(ctx: Context) -> Result:
               "ref": None if hf is None else {"class": type(hf).__name__, "transformers": transformers_version(),
                                                "call": "generate(do_sample=False)",
                                                "attn_implementation": hf.config._attn_implementation},
-              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "higher_is_better": True}
+              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "paired_ratio": paired_ratio(times), "higher_is_better": True}
     if "ref" in outputs:
         config["greedy_prefix_agreement"] = _common_prefix(outputs["ours"], outputs["ref"])
     ours_tps = n / median(times["ours"])
@@ -100,7 +100,7 @@ def prefill(ctx: Context) -> Result:
               "ref": None if hf is None else {"class": type(hf).__name__, "transformers": transformers_version(),
                                                "call": "forward(use_cache=True, logits_to_keep=1)",
                                                "attn_implementation": hf.config._attn_implementation},
-              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "higher_is_better": True}
+              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "paired_ratio": paired_ratio(times), "higher_is_better": True}
     ref_tps = length / median(times["ref"]) if "ref" in times else None
     return Result("prefill", length / median(times["ours"]), ref_tps, "tokens/s", device.type, config)
 

@@ -75,4 +75,6 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
     ctx = Context(device=dev, sizes=sizes_for(dev, quick, repeats), compile=compile, ref_compile=ref_compile,
                   seed=seed)
     for name in names:
-        yield CASES[name](ctx)
+        result = CASES[name](ctx)
+        result.config.update(torch=torch.__version__, threads=torch.get_num_threads())
+        yield result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .context import Context
-from .core import Result, median, time_alternating
+from .core import Result, median, paired_ratio, time_alternating
 
 
 def _corpus_slice(chars: int) -> list:
@@ -70,6 +70,6 @@ def tokenize(ctx: Context) -> Result:
               "vocab_size": tokenizer.vocab_size, "tokens": counts,
               "ours": "data.encode_documents (ids + EOS per document into numpy)",
               "ref": None if hf is None else "tokenizers.Tokenizer.encode_batch(...).ids",
-              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "higher_is_better": True}
+              "run_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "paired_ratio": paired_ratio(times), "higher_is_better": True}
     ref_mbs = megabytes / median(times["ref"]) if "ref" in times else None
     return Result("tokenize", megabytes / median(times["ours"]), ref_mbs, "MB/s", "cpu", config)

@@ -13,7 +13,7 @@ import torch
 
 from .context import (Context, adamw, build_model, compile_blocks, dtype_name, hf_loss, ours_loss, random_batch,
                       train_step)
-from .core import H100_SXM_BF16_PEAK_FLOPS, Result, median, mfu, peak_memory_bytes, time_alternating
+from .core import H100_SXM_BF16_PEAK_FLOPS, Result, median, mfu, paired_ratio, peak_memory_bytes, time_alternating
 from .hf_reference import experts_implementation, hf_twin, transformers_version
 
 MFU_PEAK_NOTE = "H100 SXM dense bf16, 989 TFLOP/s"
@@ -53,7 +53,7 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
               "ours_compile": "per-block torch.compile" if ctx.compile else "eager",
               "ref": _ref_description(hf, ctx), "warmup": s.warmup, "repeats": s.repeats,
               "step_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "first_loss": first_loss,
-              "higher_is_better": True}
+              "paired_ratio": paired_ratio(times), "higher_is_better": True}
     if device.type == "cuda":
         flops = model.flops_per_token(s.seq_len)
         config.update(flops_per_token=flops, mfu=mfu(ours, flops), ref_mfu=mfu(ref, flops) if ref else None,
