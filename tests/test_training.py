@@ -124,3 +124,15 @@ def test_moe_run_logs_expert_load(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     load = rows[0]["moe_load"]
     assert len(load) == 2 and len(load[0]) == 4 and sum(load[0]) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision,compile", [("bf16", True), ("fp16", False)])
+def test_cuda_mixed_precision_trains(tmp_path, precision, compile):
+    cfg = config(max_steps=8, device="cuda", precision=precision, compile=compile, lr=3e-3)
+    result = train(MODEL, cfg, tmp_path / "run", dataset(), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert result.stopped == "done" and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    state = json.loads((tmp_path / "run" / "ckpt-8" / "trainer_state.json").read_text())
+    assert state["precision"] == precision

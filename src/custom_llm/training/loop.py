@@ -67,7 +67,7 @@ class TrainingLoop:
                     break
                 if tc.save_every and t.step % tc.save_every == 0:
                     self._save()
-            if stopped == "done" and self.last_eval != t.step:
+            if stopped != "signal" and self.last_eval != t.step:
                 self._eval_row()
             if self.last_saved != t.step:
                 self._save()

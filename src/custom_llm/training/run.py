@@ -128,18 +128,21 @@ def _summarise(result: TrainResult, entropy: float, job: Job, tokenizer: Any, pr
     print("\n".join(lines))
     if job.train.sample_tokens > 0 and result.checkpoint is not None and result.checkpoint.is_dir():
         text = sample_text(result.checkpoint, tokenizer, prompt, job.train.sample_tokens)
-        print(f"sample (greedy, prompt = the first {len(prompt)} validation tokens):\n{text}")
+        print(f"sample (temperature 0.8, top-k 40; prompt = the first {len(prompt)} validation tokens, then '|'):"
+              f"\n{text}")
 
 
 def sample_text(checkpoint: Path, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
-    """The prompt followed by the checkpoint model's greedy continuation (on the CPU)."""
+    """The prompt, '|', and the checkpoint model's sampled continuation (seeded; on the CPU)."""
     from ..api import load_model
-    from ..generation import generate
+    from ..generation import SamplingParams, generate
 
     model = load_model(checkpoint)
     prompt = prompt or [tokenizer.bos_id]
+    params = SamplingParams(temperature=0.8, top_k=40)
     with torch.no_grad():
-        new = generate(model, [prompt], max_new_tokens, eos_ids=[tokenizer.eos_id])[0]
+        new = generate(model, [prompt], max_new_tokens, params, torch.Generator().manual_seed(0),
+                       eos_ids=[tokenizer.eos_id])[0]
     return tokenizer.decode(prompt) + "|" + tokenizer.decode(new)
 
 
