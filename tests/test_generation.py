@@ -105,6 +105,23 @@ def test_sliding_window_memory_is_bounded():
     engine.generate([[1, 2, 3]], max_new_tokens=40)
     assert engine.cache.memory_slots() == [4, 43, 4, 43]
     assert [k.shape for k in engine.cache.keys][0] == (1, 2, 4, 8)  # (B, K kv heads, W, D)
+    engine.generate([[1, 2, 3]], max_new_tokens=200)
+    assert engine.cache.memory_slots() == [4, 203, 4, 203]
+
+
+def test_all_window_model_reuses_cache_for_any_length():
+    """Without full-attention layers the cache has no length limit (and a short run stores the
+    never-binding window as full slots)."""
+    model = tiny_model(sliding_window=8)
+    engine = Engine(model, compile=False)
+    engine.generate([[1, 2]], 3)
+    assert engine.cache.memory_slots() == [5, 5]  # shorter than the window: plain full buffers
+    long = engine.generate([[1, 2]], 30)
+    assert engine.cache.memory_slots() == [8, 8]
+    assert long[0] == generate_without_cache(model, [1, 2], 30)
+    cache = engine.cache
+    assert engine.generate([[1, 2]], 60)[0] == generate_without_cache(model, [1, 2], 60)
+    assert engine.cache is cache
 
 
 def test_greedy_equals_full_forward_argmax_loop():

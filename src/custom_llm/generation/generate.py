@@ -65,7 +65,7 @@ class Engine:
     def _cache_for(self, batch_size: int, needed: int) -> KVCache:
         """The cache to use: the previous one when it fits (a new one would trigger a recompile)."""
         cache = self.cache
-        too_short = cache is not None and self.has_full_attention and cache.max_len < needed
+        too_short = cache is not None and cache.has_full and cache.max_len < needed
         if cache is None or cache.batch_size != batch_size or too_short:
             length = max(needed, self.static_len) if self.compile else needed
             self.cache = cache = KVCache.for_model(self.model, batch_size, length)

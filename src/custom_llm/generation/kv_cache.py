@@ -30,11 +30,16 @@ import torch
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers; ``layer_windows[i]`` None = full attention."""
+    """Preallocated per-layer key/value buffers; ``layer_windows[i]`` None = full attention.
+
+    Holds sequences of at most ``max_len`` times for full-attention layers; sliding-window layers
+    have no length limit.
+    """
 
     def __init__(self, layer_windows: list[Optional[int]], batch_size: int, max_len: int, n_kv_heads: int,
                  head_dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.layer_windows = list(layer_windows)
+        # A window that covers the whole cache never binds: such a layer is stored as a full one.
+        self.layer_windows = [w if w is not None and w < max_len else None for w in layer_windows]
         self.batch_size = batch_size
         self.max_len = max_len
         self.keys: list[torch.Tensor] = []
