@@ -55,8 +55,8 @@ class KVCache:
         self.has_full = any(w is None for w in self.layer_windows)
         self.ring_slots = {w: torch.arange(w, device=device) for w in self.windows}  # (W,)
         if torch.device(device).type == "cuda" and hasattr(torch, "_dynamo"):
-            # CUDA graphs may then update the buffers in place instead of copying them every step.
-            for t in (*self.keys, *self.values):
+            # CUDA graphs then read and update these tensors in place instead of copying them every step.
+            for t in (*self.keys, *self.values, self.pad, self.full_slots, *self.ring_slots.values()):
                 torch._dynamo.mark_static_address(t)
 
     @classmethod
