@@ -41,8 +41,11 @@ def register(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="random seed: the same seed and flags give the same text")
     gen.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
                      help="stop when the text contains one of these strings (not printed)")
-    gen.add_argument("--no-compile", action="store_true",
-                     help="do not compile the decode step (compiled with CUDA graphs by default on CUDA)")
+    compiling = gen.add_mutually_exclusive_group()
+    compiling.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                           help="do not compile the decode step (compiled with CUDA graphs by default on CUDA)")
+    compiling.add_argument("--compile", dest="compile", action="store_true",
+                           help="compile the decode step on the CPU too (inductor; the first tokens take a minute)")
     gen.set_defaults(func=run_generate)
 
     ev = sub.add_parser("eval", help="evaluate loss, perplexity and bits per byte",
@@ -99,7 +102,7 @@ def run_generate(args) -> int:
         raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     prompt_text = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     model, tokenizer, start = _load(args)
-    engine = Engine(model, compile=False if args.no_compile else None)
+    engine = Engine(model, compile=args.compile)
     interactive = prompt_text is None
     for text in _prompts(prompt_text):
         try:
