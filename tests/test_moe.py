@@ -175,7 +175,7 @@ def test_config_rules():
 def test_moe_small_preset_learns():
     assert (model_preset("moe-small").n_experts, model_preset("moe-small").moe_top_k) == (8, 2)
     assert model_preset("moe-small").n_shared_experts == 1
-    config = model_preset("moe-small", n_layers=2, vocab_size=128, d_model=64, n_heads=4,
+    config = model_preset("moe-small", n_layers=1, vocab_size=128, d_model=64, n_heads=4,
                           moe_ffn_dim=64, max_seq_len=32)
     model = Transformer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -28,8 +28,9 @@ ours (``layers.{i}.mlp.``)         shape       Hugging Face
 Dispatch paths (all give the same result; ``eager`` is the readable reference the tests hold the
 others to): ``eager`` loops over experts and finds each one's tokens with a mask; ``sorted`` sorts the
 token-slots by expert once and runs every expert on its contiguous slice (one host sync for the
-slice sizes); ``grouped_mm`` runs all experts in one grouped matrix multiply (no host sync; CUDA,
-bf16 under autocast); ``auto`` is ``grouped_mm`` on CUDA when torch has it, else ``sorted``.
+slice sizes); ``grouped_mm`` runs all experts in one grouped matrix multiply (no host sync; on CUDA
+in bf16 under autocast); ``auto`` is ``grouped_mm`` where this torch has a kernel for the device
+(``F.grouped_mm``, torch >= 2.10: CPU and CUDA; ``torch._grouped_mm``: CUDA), else ``sorted``.
 
 Legend: B batch, T time, C d_model, N tokens (B*T), E experts, K experts per token (top-k),
 S token-slots (N*K), F expert hidden width.
@@ -192,7 +193,10 @@ class MoE(nn.Module):
     def _dispatch_path(self, x: torch.Tensor) -> Callable:
         if self.dispatch == "eager":
             return self.experts.forward_eager
-        if self.dispatch == "grouped_mm" or (self.dispatch == "auto" and x.is_cuda and _grouped_mm_function()):
+        if self.dispatch == "grouped_mm":
+            return self.experts.forward_grouped_mm
+        # F.grouped_mm (torch >= 2.10) has CPU and CUDA kernels; the older torch._grouped_mm is CUDA-only.
+        if self.dispatch == "auto" and (hasattr(F, "grouped_mm") or (x.is_cuda and hasattr(torch, "_grouped_mm"))):
             return self.experts.forward_grouped_mm
         return self.experts.forward_sorted
 
