@@ -54,6 +54,14 @@ def test_dispatch_paths_match_eager_forward_and_backward(dispatch, training):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_auto_dispatch_choice_on_cpu():
+    layer = MoE(_config(moe_dispatch="auto"))
+    expected = "forward_grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "forward_sorted"
+    assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == expected
+    layer.dispatch = "eager"
+    assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == "forward_eager"
+
+
 def test_eager_reference_matches_naive_per_token_loop():
     """The eager path against a loop over tokens and their k choices, written from the definition."""
     layer = MoE(_config(n_shared_experts=0, shared_expert_gate=False, moe_noisy_gating=False,

@@ -53,6 +53,18 @@ def _grouped_mm_function() -> Optional[Callable]:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _has_grouped_mm_kernel(x: torch.Tensor) -> bool:
+    """F.grouped_mm (torch >= 2.10) runs on CPU and CUDA in any float dtype; the older
+    torch._grouped_mm only in bf16 on Hopper GPUs."""
+    if hasattr(F, "grouped_mm"):
+        return True
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return bf16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer loss E * sum_i f_i * P_i from probs (N, E) and slots per expert (E,).
 
@@ -193,10 +205,7 @@ class MoE(nn.Module):
     def _dispatch_path(self, x: torch.Tensor) -> Callable:
         if self.dispatch == "eager":
             return self.experts.forward_eager
-        if self.dispatch == "grouped_mm":
-            return self.experts.forward_grouped_mm
-        # F.grouped_mm (torch >= 2.10) has CPU and CUDA kernels; the older torch._grouped_mm is CUDA-only.
-        if self.dispatch == "auto" and (hasattr(F, "grouped_mm") or (x.is_cuda and hasattr(torch, "_grouped_mm"))):
+        if self.dispatch == "grouped_mm" or (self.dispatch == "auto" and _has_grouped_mm_kernel(x)):
             return self.experts.forward_grouped_mm
         return self.experts.forward_sorted
 
