@@ -65,9 +65,13 @@ def test_cli_quick_json_lines(capsys):
                                                                                        abs=1e-4)
 
 
-def test_cli_rejects_unknown_case(capsys):
+def test_cli_rejects_unknown_case_and_bad_numbers(capsys):
     assert main(["bench", "--cases", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown bench case")
+    assert main(["bench", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert main(["bench", "--repeats", "0", "--cases", "tokenize"]) == 2
+    assert "--repeats" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")

@@ -22,12 +22,21 @@ def register(sub) -> None:
                         help="do not torch.compile our model (compiled by default on CUDA)")
     parser.add_argument("--ref-compile", action="store_true",
                         help="also torch.compile the Hugging Face reference in training cases")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a busy machine")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..bench import format_table, run_benchmarks
+    import torch
 
+    from ..bench import format_table, run_benchmarks
+    from ..errors import UserError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     results = []
     for result in run_benchmarks(cases, args.device, repeats=args.repeats, quick=args.quick,
