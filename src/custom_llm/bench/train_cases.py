@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .context import (Context, adamw, build_model, compile_blocks, dtype_name, hf_loss, ours_loss, random_batch,
-                      train_step)
+from .context import (Context, adamw, autocast, build_model, compile_blocks, dtype_name, hf_loss, ours_loss,
+                      random_batch, train_step)
 from .core import H100_SXM_BF16_PEAK_FLOPS, Result, median, mfu, paired_ratio, peak_memory_bytes, time_alternating
 from .hf_reference import experts_implementation, hf_twin, transformers_version
 
@@ -64,8 +64,6 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
 
 def _first_losses(model, hf, x, y, ctx: Context) -> dict:
     """Both losses on the benchmark batch before any step: equal weights must give equal losses."""
-    from .context import autocast
-
     with torch.no_grad(), autocast(ctx.device, ctx.sizes.autocast):
         out = {"ours": float(model.compute_loss(x, y).lm_loss)}
         if hf is not None:
