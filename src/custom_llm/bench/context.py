@@ -35,12 +35,6 @@ def build_model(fields: dict, device: torch.device, seed: int = 0, **overrides) 
     return Transformer(ModelConfig(**{**fields, **overrides})).to(device)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile every transformer block in place (the LM head's fused loss stays eager)."""
-    for block in model.layers:
-        block.compile()
-
-
 def random_batch(vocab_size: int, batch: int, seq_len: int, device: torch.device, seed: int = 0):
     """(x, y) int64 (B, T) token ids, y being x shifted by one (as the data loader gives them)."""
     generator = torch.Generator().manual_seed(seed)

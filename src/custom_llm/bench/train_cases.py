@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import (Context, adamw, autocast, build_model, compile_blocks, dtype_name, hf_loss, ours_loss,
+from .context import (Context, adamw, autocast, build_model, dtype_name, hf_loss, ours_loss,
                       random_batch, train_step)
 from .core import H100_SXM_BF16_PEAK_FLOPS, Result, median, mfu, paired_ratio, peak_memory_bytes, time_alternating
 from .hf_reference import experts_implementation, hf_twin, transformers_version
@@ -36,7 +36,7 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
     x, y = random_batch(model.config.vocab_size, s.batch, s.seq_len, device, ctx.seed)
     first_loss = _first_losses(model, hf, x, y, ctx)
     if ctx.compile:
-        compile_blocks(model)
+        model.compile_blocks()
     steps = {"ours": train_step(lambda: ours_loss(model, x, y), adamw(model, device), device, s.autocast)}
     if hf is not None:
         if ctx.ref_compile:
@@ -88,7 +88,7 @@ def grad_ckpt_memory(ctx: Context) -> Result:
     s, device = ctx.sizes, ctx.device
     model = build_model(s.dense, device, ctx.seed)
     if ctx.compile:
-        compile_blocks(model)
+        model.compile_blocks()
     x, y = random_batch(model.config.vocab_size, s.batch, s.seq_len, device, ctx.seed)
     step = train_step(lambda: ours_loss(model, x, y), adamw(model, device), device, s.autocast)
 

@@ -117,7 +117,7 @@ class Trainer:
         """torch.compile (CUDA default) and DistributedDataParallel around the loss."""
         use_compile = self.tc.compile if self.tc.compile is not None else self.rt.device.type == "cuda"
         if use_compile:
-            self.model.compile()
+            self.model.compile_blocks()
         net: nn.Module = _LossModule(self.model)
         if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel
