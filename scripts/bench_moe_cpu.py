@@ -59,7 +59,8 @@ def main():
     for name, ts in times.items():
         t = sorted(ts)[len(ts) // 2]
         results[name] = a.batch * (a.seq - 1) / t
-        print(f"{name}: {t * 1000:.0f} ms/step (median of {len(ts)}), {results[name]:.0f} tokens/s")
+        print(f"{name}: {t * 1000:.0f} ms/step (median of {len(ts)}), {results[name]:.0f} tokens/s; all: "
+              + " ".join(f"{x:.2f}" for x in ts))
     print(f"ratio ours/hf: {results['ours'] / results['hf']:.2f}x")
 
 

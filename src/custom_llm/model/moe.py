@@ -192,10 +192,12 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> (router logits (N, E) fp32, probs (N, E), top-k weights (N, K), expert ids (N, K))."""
-        logits = self.router(x).float()  # (N, E)
-        noisy = logits
-        if self.noise is not None and self.training:
-            noisy = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32 (Switch: selective precision)
+            x32 = x.float()
+            logits = F.linear(x32, self.router.weight.float())  # (N, E)
+            noisy = logits
+            if self.noise is not None and self.training:
+                noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x32, self.noise.weight.float()))
         probs = noisy.softmax(dim=-1)  # (N, E)
         weights, idx = probs.topk(self.top_k, dim=-1)  # (N, K)
         if self.renormalize:
