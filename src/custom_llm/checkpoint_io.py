@@ -8,7 +8,6 @@ are stored once (``lm_head.weight`` is left out and re-tied on load).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -17,22 +16,11 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .fsutil import write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file, fsync and rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

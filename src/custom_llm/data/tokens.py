@@ -25,6 +25,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fsutil import atomic_write
 from ..tokenizers import Tokenizer
 from .sources import Document
 
@@ -130,7 +131,7 @@ def build_token_dataset(train_docs: Sequence[Document], val_docs: Sequence[Docum
         meta[f"{split}_documents"] = len(docs)
         meta[f"{split}_chars"] = sum(len(d.text) for d in docs)
     meta["seconds"] = round(time.perf_counter() - start, 3)
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
+    atomic_write(meta_path, json.dumps(meta, indent=1))
     log.info("tokenized %d train + %d val tokens in %.1fs -> %s", meta["train_tokens"], meta["val_tokens"],
              meta["seconds"], meta_path.parent)
     return TokenDataset(_memmap(folder / f"{key}.train.bin", dtype, meta["train_tokens"]),
@@ -250,17 +251,3 @@ def split_at_lines(text: str, size: int = PIECE_CHARS) -> List[str]:
         start = cut + 1
     pieces.append(text[start:])
     return pieces
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

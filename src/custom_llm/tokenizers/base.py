@@ -9,12 +9,14 @@ data pipeline (EOS between documents), never by ``encode``.
 from __future__ import annotations
 
 import codecs
+from abc import ABC, abstractmethod
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
+
+from ..fsutil import atomic_write
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
@@ -73,7 +75,7 @@ class PrefixIncrementalDecoder(IncrementalDecoder):
         return text
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Base class: text <-> ids with special tokens bos/eos/pad/unk; saved as one ``tokenizer.json``."""
 
     kind: str = ""
@@ -83,33 +85,33 @@ class Tokenizer:
     unk_id: int = -1
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """Number of token ids (the embedding rows a model needs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text`` (no special tokens added)."""
-        raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Token ids of each text; subclasses may use all cores."""
         return [self.encode(text) for text in texts]
 
+    @abstractmethod
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes one token contributes to ``decode`` (b"" for skipped special tokens)."""
-        raise NotImplementedError
 
     def incremental_decoder(self) -> IncrementalDecoder:
         """A fresh :class:`IncrementalDecoder` for streaming generation output."""
         return IncrementalDecoder(self.token_bytes)
 
+    @abstractmethod
     def to_json_str(self) -> str:
         """The content of ``tokenizer.json``."""
-        raise NotImplementedError
 
     def fingerprint(self) -> str:
         """A short hash of the serialized tokenizer: equal fingerprints encode identically."""
@@ -124,7 +126,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
-        atomic_write_text(path, self.to_json_str())
+        atomic_write(path, self.to_json_str())
         return path
 
     def special_ids(self) -> dict:
@@ -133,21 +135,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced then renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def round_up(n: int, multiple: int) -> int:
