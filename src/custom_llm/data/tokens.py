@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..fsutil import atomic_write
+from ..fsutil import atomic_open, atomic_write
 from ..tokenizers import Tokenizer
 from .sources import Document
 
@@ -178,22 +177,13 @@ def _file_checksum(path: Path) -> str:
 
 def _write_tokens(path: Path, docs: Sequence[Document], tokenizer: Tokenizer, dtype: np.dtype) -> Tuple[int, str]:
     """Stream the ids of ``docs`` (each followed by EOS) into ``path`` atomically; return (count, checksum)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     h, total = hashlib.blake2b(digest_size=16), 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for ids in encode_documents(docs, tokenizer, dtype):
-                data = ids.tobytes()
-                f.write(data)
-                h.update(data)
-                total += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        for ids in encode_documents(docs, tokenizer, dtype):
+            data = ids.tobytes()
+            f.write(data)
+            h.update(data)
+            total += len(ids)
     return total, h.hexdigest()
 
 
