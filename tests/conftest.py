@@ -26,6 +26,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (no OpenMP hand-offs for microsecond-sized ops)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():

@@ -9,12 +9,7 @@ from custom_llm.cli import main
 from custom_llm.training.config import resolve_run_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_lists_every_config_field(capsys):

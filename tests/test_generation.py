@@ -10,13 +10,7 @@ from custom_llm.generation import (Engine, KVCache, SamplingParams, decode_one_t
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (no OpenMP hand-offs for microsecond-sized ops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides) -> Transformer:
