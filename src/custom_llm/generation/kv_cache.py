@@ -106,9 +106,12 @@ class PrefillView:
         q_time = torch.arange(start, start + length, device=device).view(1, -1, 1)  # (1, T, 1)
         self.chunk_slots = torch.arange(start, start + length, device=device)  # (T,)
 
-        if cache.has_full:
+        self.full_mask: Optional[torch.Tensor] = None
+        if cache.has_full and (start > 0 or bool(cache.pad.any())):
             full_k = cache.full_slots[: start + length].view(1, 1, -1)  # (1, 1, S)
             self.full_mask = _visible(q_time, full_k, pad, None).unsqueeze(1)  # (B, 1, T, S)
+        # Otherwise (a fresh, unpadded prompt) full layers see exactly the causal triangle: mask None
+        # tells Attention to use the kernel's is_causal path, which is faster than an explicit mask.
         self.window_masks = {}
         for w in cache.windows:
             ring_k = ring_slot_times(cache.ring_slots[w], start - 1, w)  # (W,) times already in the ring

@@ -80,7 +80,8 @@ class Attention(nn.Module):
 
         ``kv_cache``, when given (generation), must offer ``update(layer_idx, k, v) -> (k_all, v_all,
         mask)``: it stores this step's keys/values and returns every key/value the queries may see with
-        a boolean mask broadcastable to (B, H, T, S).
+        a boolean mask broadcastable to (B, H, T, S), or None when those are exactly this step's T keys
+        and plain causal attention applies.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -91,10 +92,13 @@ class Attention(nn.Module):
 
         if kv_cache is not None:
             k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D), mask (B|1, 1, T, S)
+            if mask is None:  # the cache holds exactly these T keys: plain causal attention
+                pos = torch.arange(T, device=x.device)
+                mask = causal_window_mask(pos, pos, None) if self.backend == "eager" else None
             if self.backend == "eager":
                 y = eager_attention(q, k, v, mask)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         elif self.backend == "eager":
             pos = torch.arange(T, device=x.device)
             y = eager_attention(q, k, v, causal_window_mask(pos, pos, self.window), dropout_p)
