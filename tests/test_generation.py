@@ -216,3 +216,24 @@ def test_hf_llama_greedy_generate_token_for_token():
     got = generate(ours, [prompt[0].tolist()], 40)[0]
     assert got == expected
     assert len(set(expected)) > 5
+
+
+def test_transposed_weight_storage_keeps_values_and_output():
+    """The CPU decode layout changes memory order only: same parameters, same tokens, same checkpoint."""
+    import copy
+
+    from custom_llm.checkpoint_io import model_state_for_saving
+    from custom_llm.generation.generate import store_weights_transposed
+
+    model = tiny_model(attn_bias=True)
+    plain = copy.deepcopy(model)
+    store_weights_transposed(model)
+    q = model.layers[0].self_attn.q_proj.weight
+    assert q.stride() == (1, q.shape[0]) and q.t().is_contiguous()
+    assert model.lm_head.weight.t().is_contiguous()
+    saved, reference = model_state_for_saving(model), model_state_for_saving(plain)
+    assert saved.keys() == reference.keys()
+    assert all(torch.equal(saved[k], reference[k]) and saved[k].is_contiguous() for k in saved)
+    prompt = [3, 1, 4, 1, 5, 9]
+    assert Engine(model).generate([prompt], 20) == Engine(plain, transpose_weights=False).generate([prompt], 20)
+    assert not plain.lm_head.weight.t().is_contiguous()  # the switch really turned it off

@@ -40,17 +40,39 @@ def decode_one_token(model: torch.nn.Module, cache: KVCache, token: torch.Tensor
     return model(token, positions=positions, kv_cache=cache.decode_view(time, read_len))[:, -1]
 
 
+def store_weights_transposed(model: torch.nn.Module) -> None:
+    """Keep every ``nn.Linear`` weight (out, in) with column-major storage: same values, same shape.
+
+    A batch-1 decode step is a chain of matrix-vector products that streams each weight from
+    memory once. ``F.linear`` computes x @ W^T; with W stored column-major, W^T is a plain row-major
+    (in, out) matrix, and CPU BLAS runs x @ (row-major matrix) as contiguous row updates that read
+    memory about 1.7x faster than the per-row dot products it uses for the default layout (2-core
+    CPU, d=384: 172 vs 302 us for a 1024x384 weight that is not in cache). Results agree to fp32
+    rounding (the summation order changes); checkpoints are unaffected (saving makes tensors
+    contiguous). A tied LM head is the embedding table, whose row lookups do not mind the layout.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()  # (out, in), strides (1, out)
+
+
 class Engine:
     """Generates from one model, reusing its KV cache (and compiled decode step) across calls.
 
     ``compile``: None (default) compiles the decode step on CUDA only; True/False forces it. The
     compiled step reads fixed-size cache buffers (``static_len`` slots for full-attention layers, by
     default the model's ``max_seq_len``), so it is traced once and replayed as a CUDA graph.
+    ``transpose_weights``: None (default) applies :func:`store_weights_transposed` to the model on
+    the CPU, where it speeds up decoding; True/False forces it.
     """
 
-    def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None):
+    def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None,
+                 transpose_weights: Optional[bool] = None):
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
+        if self.device.type == "cpu" if transpose_weights is None else transpose_weights:
+            store_weights_transposed(model)
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.static_len = static_len or model.config.max_seq_len
         self.has_full_attention = any(w is None for w in model.layer_windows)
