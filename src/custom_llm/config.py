@@ -219,6 +219,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Mixture of experts that trains on 2 CPU cores: 8 experts, top-2, one shared expert.
     "moe-small": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=128,
                       n_experts=8, moe_top_k=2, moe_ffn_dim=256, n_shared_experts=1, shared_expert_gate=True),
+    # nanoGPT's character-level Shakespeare "baby GPT" size (6 layers, 6 heads, d384, context 256,
+    # dropout 0.2), in this architecture; the tokenizer sets the vocabulary (65 characters + specials).
+    "shakespeare-char": dict(vocab_size=128, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256,
+                             dropout=0.2),
 }
 
 

@@ -209,6 +209,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                  eval_every=500, eval_batches=20, save_every=2000),
     "moe-small": dict(_TINY, max_steps=200, save_every=100, time_limit=None,
                       curriculum=[dict(seq_len=64, batch_size=16, max_steps=100), dict(seq_len=128, batch_size=16)]),
+    # nanoGPT's shakespeare_char recipe (its published validation loss: ~1.47): characters, the last
+    # 10% of the text held out, 5000 AdamW steps of 64 x 256, lr 1e-3 cosine to 1e-4 after 100 warmup
+    # steps, beta2 0.99, weight decay 0.1 on every matrix (embedding too), clipping 1.0. Pass the text
+    # with --data; a GPU run (82M training tokens).
+    "shakespeare-char": dict(tokenizer="char", val_fraction=0.1, max_steps=5000, batch_size=64, seq_len=256,
+                             lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, beta2=0.99, weight_decay=0.1,
+                             decay_embeddings=True, grad_clip=1.0, eval_every=250, eval_batches=20,
+                             eval_batch_size=64, log_every=50, save_every=1000),
 }
 
 RUN_PRESETS = tuple(MODEL_PRESETS)
