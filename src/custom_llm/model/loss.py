@@ -57,15 +57,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y = targets[start:start + chunk_rows]
             ok = valid[start:start + chunk_rows]
             logits = (h @ w.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             safe_y = torch.where(ok, y, torch.zeros_like(y))
-            target_logit = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+            target_logit = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)  # (n,), before logits is overwritten
+            # logsumexp by hand, in place, so the chunk's exponentials are computed once and reused as
+            # the softmax: exp(logits - max) / sum = softmax, max + log(sum) = logsumexp.
+            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            exp = logits.sub_(row_max).exp_()  # (n, V), overwrites logits
+            sum_exp = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+            lse = (row_max + sum_exp.log()).squeeze(1)  # (n,)
             loss += ((lse - target_logit) * ok).sum()
             if needs_grad:
                 # d(loss_row)/d(logits) = softmax - one_hot, zero for ignored rows; computed in place.
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), safe_y] -= 1.0
-                grad.mul_(ok.unsqueeze(1))
+                grad = exp.mul_(ok.unsqueeze(1) / sum_exp)
+                grad[torch.arange(grad.shape[0], device=grad.device), safe_y] -= ok.float()
                 grad = grad.to(dtype)
                 grad_hidden[start:start + chunk_rows] = (grad @ w).to(hidden.dtype)
                 if dtype == torch.float32:
