@@ -223,6 +223,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # dropout 0.2), in this architecture; the tokenizer sets the vocabulary (65 characters + specials).
     "shakespeare-char": dict(vocab_size=128, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256,
                              dropout=0.2),
+    # nanoGPT's "I only have a macbook" variant of it: 4 layers, 4 heads, d128, context 64, no dropout.
+    "shakespeare-char-cpu": dict(vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=64),
 }
 
 

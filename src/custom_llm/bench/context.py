@@ -27,6 +27,10 @@ class Context:
     ref_compile: bool = False
     """Also compile the Hugging Face reference (its best case, instead of its plain eager forward)."""
     seed: int = 0
+    quick: bool = False
+    """Tiny sizes, one repetition: a smoke test of the machinery, not a measurement."""
+    data: Optional[str] = None
+    """A text file for cases that train on real text (shakespeare_char); None: its default location."""
 
 
 def build_model(fields: dict, device: torch.device, seed: int = 0, **overrides) -> Transformer:
@@ -43,9 +47,12 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, device: torch.device
 
 
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer both sides use: AdamW, fused on CUDA, foreach elsewhere (what the trainer picks)."""
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **kind)
+    """The optimizer both sides use: AdamW, fused where torch has the kernel (CUDA; CPU since torch 2.4),
+    else foreach, as the trainer picks (and as transformers' Trainer defaults to on torch >= 2.8)."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):

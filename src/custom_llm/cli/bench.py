@@ -24,6 +24,9 @@ def register(sub) -> None:
                         help="also torch.compile the Hugging Face reference in training cases")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a busy machine")
+    parser.add_argument("--data", default=None,
+                        help="tinyshakespeare.txt for the shakespeare_char case (default: ../shared/data beside the "
+                             "checkout or the working directory)")
     parser.set_defaults(func=run)
 
 
@@ -40,7 +43,7 @@ def run(args) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     results = []
     for result in run_benchmarks(cases, args.device, repeats=args.repeats, quick=args.quick,
-                                 compile=args.compile, ref_compile=args.ref_compile):
+                                 compile=args.compile, ref_compile=args.ref_compile, data=args.data):
         results.append(result)
         if args.json:
             print(result.to_json(), flush=True)

@@ -217,6 +217,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                              lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, beta2=0.99, weight_decay=0.1,
                              decay_embeddings=True, grad_clip=1.0, eval_every=250, eval_batches=20,
                              eval_batch_size=64, log_every=50, save_every=1000),
+    # Its CPU variant (published: ~1.88 in ~3 minutes on a laptop): 2000 steps of 12 x 64.
+    "shakespeare-char-cpu": dict(tokenizer="char", val_fraction=0.1, max_steps=2000, batch_size=12, seq_len=64,
+                                 lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, beta2=0.99, weight_decay=0.1,
+                                 decay_embeddings=True, grad_clip=1.0, eval_every=250, eval_batches=20,
+                                 eval_batch_size=12, log_every=50, save_every=1000),
 }
 
 RUN_PRESETS = tuple(MODEL_PRESETS)
