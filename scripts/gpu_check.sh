@@ -4,6 +4,8 @@
 #
 #   scripts/gpu_check.sh            # from anywhere; 7.5 minutes at most (120 + 150 [+ 60] + 120 s)
 #   OUT=/some/dir scripts/gpu_check.sh   # also keep the logs and bench JSON lines in $OUT
+#   QUALITY=1 scripts/gpu_check.sh       # then also nanoGPT's Shakespeare recipe (bench shakespeare_char,
+#                                        # 5000 steps; up to 5 more minutes; needs ../shared/data)
 #
 # Each part has its own time limit (`timeout`), so one stuck part cannot eat the others' time.
 # Exit code: 0 when every part passed, 1 otherwise; without a GPU it says so and exits 1 at once.
@@ -65,6 +67,7 @@ run_bench() {  # run_bench LIMIT_S CASES [extra flags]
 }
 run_bench 150 train_dense,train_moe || { run_bench 60 train_dense,train_moe --no-compile || status=1; }
 run_bench 120 decode,prefill,grad_ckpt_memory || status=1
+if [ "${QUALITY:-0}" = 1 ]; then run_bench 300 shakespeare_char || status=1; fi
 
 echo "== gpu_check done, status $status" | log env.txt
 exit $status
