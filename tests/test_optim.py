@@ -63,3 +63,23 @@ def test_build_optimizer_kinds():
     adamw = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[1]["weight_decay"] == 0.0
     assert isinstance(build_optimizer(model, "lion", 1e-4, 1.0, (0.9, 0.99)), Lion)
+
+
+def test_adamw_takes_the_fused_cpu_kernel_and_matches_the_plain_update():
+    # build_optimizer picks torch's fused AdamW where it exists (CPU: torch >= 2.4); its steps must be
+    # the single-tensor reference loop's steps, weight decay and both parameter groups included.
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
+    fast_model, plain_model = Transformer(config), Transformer(config)
+    plain_model.load_state_dict(fast_model.state_dict())
+    fast = build_optimizer(fast_model, "adamw", 1e-2, 0.1, (0.9, 0.95))
+    plain = torch.optim.AdamW(param_groups(plain_model, 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    assert fast.defaults["fused"]
+    ids = torch.randint(0, 64, (2, 9))
+    for _ in range(3):
+        for model, opt in ((fast_model, fast), (plain_model, plain)):
+            model.compute_loss(ids[:, :-1], ids[:, 1:]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(fast_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

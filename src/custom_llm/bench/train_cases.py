@@ -37,7 +37,8 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
     first_loss = _first_losses(model, hf, x, y, ctx)
     if ctx.compile:
         model.compile_blocks()
-    steps = {"ours": train_step(lambda: ours_loss(model, x, y), adamw(model, device), device, s.autocast)}
+    optimizer = adamw(model, device)
+    steps = {"ours": train_step(lambda: ours_loss(model, x, y), optimizer, device, s.autocast)}
     if hf is not None:
         if ctx.ref_compile:
             hf.compile()
@@ -49,7 +50,7 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
     params = model.num_params()
     config = {"model": dict(fields), "params": params, "batch": s.batch, "seq_len": s.seq_len,
               "dtype": dtype_name(s.autocast) + (" autocast" if s.autocast else ""),
-              "optimizer": "AdamW " + ("fused" if device.type == "cuda" else "foreach") + " (both)",
+              "optimizer": "AdamW " + ("fused" if optimizer.defaults.get("fused") else "foreach") + " (both)",
               "ours_compile": "per-block torch.compile" if ctx.compile else "eager",
               "ref": _ref_description(hf, ctx), "warmup": s.warmup, "repeats": s.repeats,
               "step_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "first_loss": first_loss,
