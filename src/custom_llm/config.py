@@ -314,6 +314,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     problems = [f"unknown key {prefix}{key!r}" for key in data if key not in names]
+    problems += [f"missing key {prefix}{f.name!r}" for f in dataclasses.fields(cls) if f.name not in data
+                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     kwargs = {}
     for key, value in data.items():
         if key not in names:

@@ -40,3 +40,21 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise OSError unless ``path`` is, or could be created as, a directory this process can write.
+
+    Checked before long work (data preparation, training) so a bad output path fails at once.
+    Nothing is created here.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor decides
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(20, f"{what}: {probe} is not a directory", str(path))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"{what}: {probe} is not writable", str(path))

@@ -2,6 +2,7 @@
 
 Each sub-command lives in its own module here exposing ``register(subparsers)``, which adds its parser
 and sets ``func`` to a function of the parsed arguments. User errors (:class:`UserError`, bad flags)
+and operating-system errors on a path (cannot create, not a directory, permission denied, disk full)
 become one ``error: ...`` line on stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
 
@@ -53,7 +54,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a path the user gave cannot be read or written (or the disk is full)
+        sys.stderr.write(f"error: {describe_os_error(exc)}\n")
+        return 2
     return int(result or 0)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: its message (what failed) and the path, without the errno noise."""
+    message = exc.strerror or str(exc)
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{message}: {' -> '.join(paths)}" if paths else message
 
 
 if __name__ == "__main__":

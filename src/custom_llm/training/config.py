@@ -35,6 +35,8 @@ class TrainConfig:
     """Tokenizer to train on the data: 'bpe', 'char', or 'auto' (the data package decides)."""
     text_field: str = "text"
     """Field holding the text in .jsonl inputs."""
+    extensions: Optional[str] = None
+    """Comma-separated file extensions read from directories (e.g. '.py,.md'); None reads every file."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (chosen by a hash of the document name)."""
     cache_dir: Optional[str] = None

@@ -19,8 +19,9 @@ import torch
 from ..checkpoint_io import model_state_for_saving, read_json
 from ..config import ModelConfig
 from ..errors import UserError
+from ..fsutil import check_writable_dir
 from .checkpoint import latest_checkpoint, remove_leftovers
-from .config import TrainConfig, load_config_file, resolve_run_config
+from .config import TrainConfig, check_run_config, load_config_file, resolve_run_config
 from .distributed import barrier, init_runtime
 from .trainer import TrainResult, train
 
@@ -36,6 +37,8 @@ class Job:
     out: Path
     resume: bool = False
     init: Optional[str] = None
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    """--model.* flags, applied on top of an --init model's config."""
 
 
 def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: dict[str, dict[str, Any]],
@@ -47,12 +50,16 @@ def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: di
     name = preset or Path(config_file).stem
     out_dir = Path(out) if out else Path("runs") / name
     ckpt = latest_checkpoint(out_dir)
-    if resume and ckpt is not None:  # the checkpoint's config is the base; train fields given now apply on top
+    # With --resume/--init the weights fix the architecture: the config file's model section (often the
+    # one that started the run) is not applied, explicit --model.* flags are, if they keep the parameters.
+    model_overrides = dict(overrides.get("model", {}))
+    if resume and ckpt is not None:  # the checkpoint's config is the base; fields given now apply on top
         stored = read_json(ckpt / "config.json")
         explicit = dict((file_data or {}).get("train") or {})
         explicit.update(overrides.get("train", {}))
         model, train_cfg = resolve_run_config(None, {"model": stored["model"], "train": stored.get("train", {})},
-                                              {"train": explicit})
+                                              {"model": model_overrides, "train": explicit})
+        check_same_parameters(ModelConfig.from_dict(stored["model"]), model, f"--resume from {ckpt}")
     else:
         model, train_cfg = resolve_run_config(preset, file_data, overrides)
         if ckpt is not None:
@@ -60,7 +67,37 @@ def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: di
                             f"run or --out to start a new one elsewhere")
     if init is not None and resume and ckpt is not None:
         raise UserError("--init and --resume together: --resume already continues from the run's own checkpoint")
-    return Job(model, train_cfg, out_dir, resume, init)
+    from ..data.tokens import default_cache_dir
+
+    check_writable_dir(out_dir, "--out")
+    check_writable_dir(train_cfg.cache_dir or default_cache_dir(), "data cache")
+    return Job(model, train_cfg, out_dir, resume, init, model_overrides)
+
+
+def check_same_parameters(base: ModelConfig, changed: ModelConfig, source: str) -> None:
+    """A UserError naming the fields when ``changed`` would not have the parameters of ``base``.
+
+    Weights come from ``source`` (--init or --resume), so only fields that keep every parameter's
+    name and shape (dropout, layerdrop, attention backend, window, RoPE theta, ...) may change.
+    """
+    with torch.device("meta"):
+        from ..model import Transformer
+
+        shapes = {name: tuple(t.shape) for name, t in Transformer(base).state_dict().items()}
+        new_shapes = {name: tuple(t.shape) for name, t in Transformer(changed).state_dict().items()}
+    if shapes != new_shapes:
+        fields = [f.name for f in dataclasses.fields(ModelConfig) if getattr(base, f.name) != getattr(changed, f.name)]
+        raise UserError(f"{source}: model fields {', '.join(fields)} would change the parameters the weights "
+                        f"come from; only fields that keep them (e.g. dropout, layerdrop) can be overridden")
+
+
+def _apply_model_overrides(base: ModelConfig, overrides: dict, source: str) -> ModelConfig:
+    """``base`` (an --init model's config) with the run's model fields on top, parameters unchanged."""
+    if not overrides:
+        return base
+    changed = ModelConfig.from_dict({**base.to_dict(), **overrides})
+    check_same_parameters(base, changed, source)
+    return changed
 
 
 def _load_init(path: str) -> tuple[ModelConfig, dict, Any]:
@@ -77,7 +114,7 @@ def _prepare(job: Job, tokenizer: Any):
     tc = job.train
     return prepare_data(tc.data or None, tokenizer=tokenizer, tokenizer_kind=tc.tokenizer,
                         vocab_size=job.model.vocab_size, cache_dir=tc.cache_dir, val_fraction=tc.val_fraction,
-                        text_field=tc.text_field, min_tokens=_longest_seq_len(job) + 1)
+                        text_field=tc.text_field, extensions=tc.extensions, min_tokens=_longest_seq_len(job) + 1)
 
 
 def run_job(job: Job, progress: bool = True) -> TrainResult:
@@ -86,19 +123,23 @@ def run_job(job: Job, progress: bool = True) -> TrainResult:
 
     runtime = init_runtime(job.train.device, job.train.precision)
     init_state, tokenizer = None, None
+    resuming = job.resume and latest_checkpoint(job.out) is not None
     if job.init is not None:
         init_model_config, init_state, tokenizer = _load_init(job.init)
-        job.model = init_model_config
-    elif job.resume and latest_checkpoint(job.out) is not None:
+        job.model = _apply_model_overrides(init_model_config, job.model_overrides, f"--init {job.init}")
+        check_run_config(job.model, job.train)
+    elif resuming:
         from ..tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(latest_checkpoint(job.out))
+    elif job.resume:
+        log.info("--resume: no complete checkpoint in %s yet; starting a new run there", job.out)
     for turn in range(2):  # rank 0 builds the tokenizer/token cache, the others read it afterwards
         if (turn == 0) == runtime.is_main:
             tokenizer, dataset = _prepare(job, tokenizer)
         barrier(runtime)
     if tokenizer.vocab_size != job.model.vocab_size:
-        if job.init is not None or job.resume:
+        if job.init is not None or resuming:
             raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                             f"{job.model.vocab_size}")
         log.info("model vocab_size set to the tokenizer's %d (config asked for %d)", tokenizer.vocab_size,
