@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from custom_llm.data import (BatchLoader, Document, build_token_dataset, default_corpus_files, default_corpus_root,
                              load_documents,
@@ -228,12 +227,12 @@ def test_batches_are_shifted_windows_of_the_stream():
     loader = BatchLoader(tokens, batch_size=4, seq_len=16, seed=3)
     for _ in range(5):
         x, y = loader.next_batch()
-        assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
-        torch.testing.assert_close(y, x + 1)  # targets are the next tokens
-        torch.testing.assert_close(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
+        assert x.shape == y.shape == (4, 16) and x.dtype == np.int64
+        np.testing.assert_array_equal(y, x + 1)  # targets are the next tokens
+        np.testing.assert_array_equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
         assert int(y.max()) <= 999
     edge = BatchLoader(np.arange(9), batch_size=2, seq_len=8)  # exactly one window fits
-    torch.testing.assert_close(edge.next_batch()[0], torch.arange(8).repeat(2, 1))
+    np.testing.assert_array_equal(edge.next_batch()[0], np.tile(np.arange(8), (2, 1)))
     with pytest.raises(UserError, match="cannot fill one window"):
         BatchLoader(np.arange(8), batch_size=2, seq_len=8)
 
@@ -249,9 +248,9 @@ def test_state_restores_the_exact_next_batches():
     resumed = BatchLoader(tokens, 4, 32, seed=7)
     resumed.load_state_dict(state)
     for batch in expected:
-        torch.testing.assert_close(resumed.next_batch()[0], batch)
+        np.testing.assert_array_equal(resumed.next_batch()[0], batch)
     fresh = BatchLoader(tokens, 4, 32, seed=7)
-    assert not torch.equal(fresh.next_batch()[0][:, :8], expected[0][:, :8])
+    assert not np.array_equal(fresh.next_batch()[0][:, :8], expected[0][:, :8])
     with pytest.raises(UserError, match="data changed"):
         BatchLoader(tokens[:4000], 4, 32).load_state_dict(state)
 
@@ -263,10 +262,10 @@ def test_ranks_draw_different_windows_that_together_form_the_single_process_batc
     ranks = [BatchLoader(tokens, 4, 16, seed=1, rank=r, world_size=2) for r in range(2)]
     for _ in range(3):
         full = plain.next_batch()[0]
-        torch.testing.assert_close(single.next_batch()[0], full)
+        np.testing.assert_array_equal(single.next_batch()[0], full)
         parts = [r.next_batch()[0] for r in ranks]
-        assert not torch.equal(parts[0], parts[1])
-        torch.testing.assert_close(torch.cat(parts), full)
+        assert not np.array_equal(parts[0], parts[1])
+        np.testing.assert_array_equal(np.concatenate(parts), full)
 
 
 def test_set_shape_is_deterministic():
@@ -277,7 +276,7 @@ def test_set_shape_is_deterministic():
         loader.set_shape(3, 20)
     xa, xb = a.next_batch()[0], b.next_batch()[0]
     assert xa.shape == (3, 20)
-    torch.testing.assert_close(xa, xb)
+    np.testing.assert_array_equal(xa, xb)
 
 
 def test_sequential_batches_cover_the_stream_once_per_rank_split():
@@ -314,7 +313,7 @@ def test_state_from_one_world_size_resumes_the_same_global_stream_under_another(
     ranks = [BatchLoader(tokens, 1, 16, rank=r, world_size=4) for r in range(4)]
     for r in ranks:
         r.load_state_dict(state)
-    torch.testing.assert_close(torch.cat([r.next_batch()[0] for r in ranks]), expected)
+    np.testing.assert_array_equal(np.concatenate([r.next_batch()[0] for r in ranks]), expected)
     with pytest.raises(UserError, match="does not split over 3 ranks"):
         BatchLoader(tokens, 1, 16, world_size=3).load_state_dict(state)
 

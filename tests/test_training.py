@@ -55,7 +55,7 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
     # independent reference: the same initial weights and batch, one plain backward pass
     torch.manual_seed(0)
     model = Transformer(MODEL)
-    x, y = BatchLoader(data.train, 8, 16, seed=0).next_batch()
+    x, y = map(torch.from_numpy, BatchLoader(data.train, 8, 16, seed=0).next_batch())
     out = model.compute_loss(x, y)
     out.loss.backward()
     assert loss1 == pytest.approx(out.lm_loss.item(), rel=1e-6)

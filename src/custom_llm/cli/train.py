@@ -77,5 +77,31 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("; ".join(problems + [str(exc)])) from None
     if problems:
         raise ConfigError("; ".join(problems))
-    run_job(job, progress=not args.no_progress)
+    init = load_init(job.init) if job.init is not None else None
+    run_job(job, progress=not args.no_progress, init=init, sample=sample_text)
     return 0
+
+
+def load_init(path: str):
+    """(model config, weights, tokenizer) of a checkpoint or Hugging Face folder for --init."""
+    from ..api import load_model, load_tokenizer
+    from ..checkpoint_io import model_state_for_saving
+
+    model = load_model(path)
+    return model.config, model_state_for_saving(model), load_tokenizer(path)
+
+
+def sample_text(checkpoint, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
+    """The prompt, '|', and the checkpoint model's sampled continuation (seeded; on the CPU)."""
+    import torch
+
+    from ..api import load_model
+    from ..generation import SamplingParams, generate
+
+    model = load_model(checkpoint)
+    prompt = prompt or [tokenizer.bos_id]
+    params = SamplingParams(temperature=0.8, top_k=40)
+    with torch.no_grad():
+        new = generate(model, [prompt], max_new_tokens, params, torch.Generator().manual_seed(0),
+                       eos_ids=[tokenizer.eos_id])[0]
+    return tokenizer.decode(prompt) + "|" + tokenizer.decode(new)

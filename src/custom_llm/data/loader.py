@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Iterator, Tuple
 
 import numpy as np
-import torch
 
 from ..errors import UserError
 
@@ -44,17 +43,16 @@ class BatchLoader:
                             f"(sequence length {seq_len} + 1): use more text or a shorter sequence")
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), each (B, T) int64 on the CPU."""
+    def next_batch(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The next (x, y), each (B, T) int64 numpy arrays (the trainer turns them into tensors)."""
         B, T = self.batch_size, self.seq_len
         starts_all = self._rng.integers(0, len(self.tokens) - T, size=self.world_size * B)  # (W*B,)
         starts = starts_all[self.rank * B:(self.rank + 1) * B]  # (B,)
         windows = np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
         self.step += 1
-        windows = torch.from_numpy(windows)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         while True:
             yield self.next_batch()
 
@@ -87,7 +85,7 @@ class BatchLoader:
 
 
 def sequential_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                       max_batches: int | None = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                       max_batches: int | None = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Consecutive non-overlapping windows from the start (for a fixed validation pass), sharded by rank."""
     n_windows = (len(tokens) - 1) // seq_len
     starts = np.arange(n_windows) * seq_len
@@ -98,8 +96,7 @@ def sequential_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rank: 
             return
         chunk = starts[i:i + batch_size]
         windows = np.asarray(tokens[chunk[:, None] + np.arange(seq_len + 1)], dtype=np.int64)  # (b, T+1)
-        windows = torch.from_numpy(windows)
-        yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        yield np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
         count += 1
 
 

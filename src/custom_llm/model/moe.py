@@ -163,7 +163,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         self.dispatch = config.moe_dispatch
         if self.dispatch == "grouped_mm" and _grouped_mm_function() is None:
-            from ..errors import ConfigError
+            from ..config import ConfigError
 
             raise ConfigError("moe_dispatch 'grouped_mm' needs torch >= 2.8 (torch._grouped_mm); use 'sorted'")
         self.aux_loss = self.z_loss = torch.zeros(())

@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..checkpoint_io import model_state_for_saving, read_json
+from ..checkpoint_io import read_json
 from ..config import ModelConfig
 from ..errors import UserError
 from ..fsutil import check_writable_dir
@@ -100,14 +100,6 @@ def _apply_model_overrides(base: ModelConfig, overrides: dict, source: str) -> M
     return changed
 
 
-def _load_init(path: str) -> tuple[ModelConfig, dict, Any]:
-    """(model config, weights, tokenizer) of a checkpoint or Hugging Face folder for --init."""
-    from ..api import load_model, load_tokenizer
-
-    model = load_model(path)
-    return model.config, model_state_for_saving(model), load_tokenizer(path)
-
-
 def _prepare(job: Job, tokenizer: Any):
     from ..data import prepare_data
 
@@ -117,15 +109,23 @@ def _prepare(job: Job, tokenizer: Any):
                         text_field=tc.text_field, extensions=tc.extensions, min_tokens=_longest_seq_len(job) + 1)
 
 
-def run_job(job: Job, progress: bool = True) -> TrainResult:
-    """Prepare data (rank 0 first, others then read its cache), train, then print a summary on rank 0."""
+def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, dict, Any]] = None,
+            sample: Optional[Callable[[Path, Any, list[int], int], str]] = None) -> TrainResult:
+    """Prepare data (rank 0 first, others then read its cache), train, then print a summary on rank 0.
+
+    ``init``: (model config, weights, tokenizer) loaded from ``job.init`` by the caller (the CLI, which
+    may read Hugging Face folders; this layer does not). ``sample(checkpoint, tokenizer, prompt ids,
+    n)``: the text printed as a sample at the end (none when None).
+    """
     from ..data import unigram_entropy
 
     runtime = init_runtime(job.train.device, job.train.precision)
     init_state, tokenizer = None, None
     resuming = job.resume and latest_checkpoint(job.out) is not None
     if job.init is not None:
-        init_model_config, init_state, tokenizer = _load_init(job.init)
+        if init is None:
+            raise ValueError("run_job: a job with init needs the loaded (config, weights, tokenizer)")
+        init_model_config, init_state, tokenizer = init
         job.model = _apply_model_overrides(init_model_config, job.model_overrides, f"--init {job.init}")
         check_run_config(job.model, job.train)
     elif resuming:
@@ -154,11 +154,12 @@ def run_job(job: Job, progress: bool = True) -> TrainResult:
     result = train(job.model, job.train, job.out, dataset, tokenizer, resume=job.resume, init_state=init_state,
                    progress=progress, reference_loss=entropy)
     if runtime.is_main:
-        _summarise(result, entropy, job, tokenizer, [int(t) for t in dataset.val[:16]])
+        _summarise(result, entropy, job, tokenizer, [int(t) for t in dataset.val[:16]], sample)
     return result
 
 
-def _summarise(result: TrainResult, entropy: float, job: Job, tokenizer: Any, prompt: list[int]) -> None:
+def _summarise(result: TrainResult, entropy: float, job: Job, tokenizer: Any, prompt: list[int],
+               sample: Optional[Callable[[Path, Any, list[int], int], str]]) -> None:
     """Print validation loss beside the unigram entropy, and a short sample."""
     lines = [f"run directory: {result.run_dir} (checkpoint {result.checkpoint.name if result.checkpoint else '-'})",
              f"steps {result.step}, tokens {result.tokens:,}, skipped non-finite steps {result.bad_steps}"]
@@ -167,24 +168,11 @@ def _summarise(result: TrainResult, entropy: float, job: Job, tokenizer: Any, pr
         lines.append(f"validation loss {result.val_loss:.3f} nats/token (perplexity {math.exp(result.val_loss):.1f}) "
                      f"vs unigram entropy {entropy:.3f} nats/token: {verdict} token frequencies alone")
     print("\n".join(lines))
-    if job.train.sample_tokens > 0 and result.checkpoint is not None and result.checkpoint.is_dir():
-        text = sample_text(result.checkpoint, tokenizer, prompt, job.train.sample_tokens)
+    if sample is not None and job.train.sample_tokens > 0 and result.checkpoint is not None \
+            and result.checkpoint.is_dir():
+        text = sample(result.checkpoint, tokenizer, prompt, job.train.sample_tokens)
         print(f"sample (temperature 0.8, top-k 40; prompt = the first {len(prompt)} validation tokens, then '|'):"
               f"\n{text}")
-
-
-def sample_text(checkpoint: Path, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
-    """The prompt, '|', and the checkpoint model's sampled continuation (seeded; on the CPU)."""
-    from ..api import load_model
-    from ..generation import SamplingParams, generate
-
-    model = load_model(checkpoint)
-    prompt = prompt or [tokenizer.bos_id]
-    params = SamplingParams(temperature=0.8, top_k=40)
-    with torch.no_grad():
-        new = generate(model, [prompt], max_new_tokens, params, torch.Generator().manual_seed(0),
-                       eos_ids=[tokenizer.eos_id])[0]
-    return tokenizer.decode(prompt) + "|" + tokenizer.decode(new)
 
 
 def _longest_seq_len(job: Job) -> int:

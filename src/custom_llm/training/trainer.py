@@ -175,7 +175,7 @@ class Trainer:
                                                  min_ratio=self.tc.min_lr_ratio, decay_fraction=self.tc.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.loader.next_batch()  # (B/W, T): this rank's slice of the global batch
+        x, y = map(torch.from_numpy, self.loader.next_batch())  # (B/W, T): this rank's slice of the batch
         k = self.tc.grad_accum_steps
         micro = x.shape[0] // k
         lm_sum = torch.zeros((), device=self.rt.device)
