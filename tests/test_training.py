@@ -131,3 +131,48 @@ def test_cuda_mixed_precision_trains(tmp_path, precision, compile):
     assert result.stopped == "done" and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     state = json.loads((tmp_path / "run" / "ckpt-8" / "trainer_state.json").read_text())
     assert state["precision"] == precision
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
+    """A CUDA OOM inside the loop becomes one user error that says what to turn down."""
+    from custom_llm.errors import UserError
+    from custom_llm.training import loop
+
+    def run_out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop.TrainingLoop, "run", run_out_of_memory)
+    trainer = Trainer(MODEL, config(max_steps=1), tmp_path / "run", dataset())
+    with pytest.raises(UserError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert "out of memory" in message and "grad_accum_steps" in message and "grad_checkpointing" in message
+    monkeypatch.setattr(loop.TrainingLoop, "run", lambda self: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # anything else keeps its traceback
+        Trainer(MODEL, config(max_steps=1), tmp_path / "run2", dataset()).run()
+
+
+def test_metrics_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    """With tensorboard importable, every finite scalar of a row goes to add_scalar at the row's step."""
+    import sys
+
+    from custom_llm.training.metrics import MetricsWriter, read_metrics
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("open", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    writer = MetricsWriter(tmp_path)
+    writer.write({"step": 3, "loss": 2.5, "lr": 1e-3, "val_loss": float("nan"), "stage": "warmup"})
+    writer.close()
+    assert calls == [("open", str(tmp_path / "tensorboard"), None), ("loss", 2.5, 3), ("lr", 1e-3, 3), ("close",)]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 2.5
