@@ -81,3 +81,15 @@ def test_directory_extension_filter(tmp_path):
     tokenizer, dataset = _prepare(job, None)
     text = tokenizer.decode(dataset.train.tolist() + dataset.val.tolist())
     assert "markdown" in text and "plain" not in text
+
+
+def test_unknown_flags_name_the_subcommand_and_binary_files_are_refused(tmp_path, corpus, capsys):
+    assert main(["train", "--model.bogus", "3"]) == 2
+    assert one_error_line(capsys).startswith("error: custom-llm train: unrecognized arguments: --model.bogus")
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--kind", "char", "--out", str(tok)]) == 0
+    capsys.readouterr()
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["tokenizer", "encode", "--tokenizer", str(tok), "--file", str(binary)]) == 2
+    assert "binary" in one_error_line(capsys)

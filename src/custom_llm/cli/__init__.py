@@ -39,7 +39,11 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # name the sub-command whose flags these are not
+        prog = f"custom-llm {args.command}" if getattr(args, "command", None) else "custom-llm"
+        sys.stderr.write(f"error: {prog}: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)\n")
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

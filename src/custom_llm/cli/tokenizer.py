@@ -71,10 +71,9 @@ def run_encode(args) -> int:
     if args.text is not None:
         text = args.text
     elif args.file is not None:
-        try:
-            text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise UserError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        from ..data.sources import read_text_file
+
+        text = read_text_file(args.file)
     else:
         text = sys.stdin.read()
     ids = tokenizer.encode(text)

@@ -118,8 +118,14 @@ def _walk(root: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.as_posix())
 
 
-def _load_file(path: Path, name: str, text_field: str, must_be_text: bool) -> Optional[List[Document]]:
-    """A file's documents; a binary file is an error when named directly, else None (skipped)."""
+def read_text_file(path: str | Path) -> str:
+    """A text file's contents (see :func:`decode_text`); a UserError when unreadable or binary."""
+    text = _read_text(Path(path), must_be_text=True)
+    assert text is not None
+    return text
+
+
+def _read_text(path: Path, must_be_text: bool) -> Optional[str]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -128,7 +134,14 @@ def _load_file(path: Path, name: str, text_field: str, must_be_text: bool) -> Op
         if must_be_text:
             raise UserError(f"{path} looks like a binary file (NUL bytes), not text")
         return None
-    text = decode_text(data, path)
+    return decode_text(data, path)
+
+
+def _load_file(path: Path, name: str, text_field: str, must_be_text: bool) -> Optional[List[Document]]:
+    """A file's documents; a binary file is an error when named directly, else None (skipped)."""
+    text = _read_text(path, must_be_text)
+    if text is None:
+        return None
     if path.suffix.lower() == ".jsonl":
         return parse_jsonl(text, path, text_field, name)
     return [Document(name, text)]

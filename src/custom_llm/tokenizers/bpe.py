@@ -77,13 +77,13 @@ class BPETokenizer(Tokenizer):
         tk = _import_hf()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < minimum:
+            raise UserError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least {minimum})")
         if round_to and vocab_size % round_to:
             rounded = round_up(vocab_size, round_to)
             log.info("vocab size %d rounded up to %d (a multiple of %d)", vocab_size, rounded, round_to)
             vocab_size = rounded
-        minimum = 256 + len(SPECIAL_TOKENS)
-        if vocab_size < minimum:
-            raise UserError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least {minimum})")
         hf = tk.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(tk.Regex(PIECE_REGEX), behavior="isolated"),
