@@ -171,6 +171,27 @@ def test_layerdrop_skips_blocks_only_in_training_and_is_reproducible():
     assert replay == decisions
 
 
+def test_layerdrop_never_skips_a_block_in_eval():
+    # p = 0.9 on every block: in training nearly every forward skips some; in eval none may.
+    model = Transformer(tiny(n_layers=4, layerdrop=0.9, layerdrop_schedule="constant", layerdrop_seed=3))
+    ids = torch.randint(0, 64, (1, 8))
+    calls = []
+    hooks = [block.register_forward_hook(lambda m, i, o, idx=idx: calls.append(idx))
+             for idx, block in enumerate(model.layers)]
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) < 4, "at p=0.9 the training forward must skip blocks (else this test proves nothing)"
+    model.eval()
+    for grad in (False, True):  # eval with and without autograd
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            model(ids)
+        assert calls == [0, 1, 2, 3]
+    for h in hooks:
+        h.remove()
+
+
 def test_layerdrop_linear_schedule():
     assert tiny(n_layers=4, layerdrop=0.4).layerdrop_probs() == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert tiny(n_layers=4, layerdrop=0.4, layerdrop_schedule="constant").layerdrop_probs() == [0.4] * 4
@@ -181,12 +202,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = Transformer(tiny(dropout=0.1))
     ckpt = Transformer(tiny(dropout=0.1, grad_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
-    losses = []
+    losses, block_calls = [], []
     for model in (plain, ckpt):
+        calls = []
+        # A pre-hook: the recomputation stops early (before the block returns), so a forward hook misses it.
+        hooks = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for block in model.layers]
         torch.manual_seed(1)  # same dropout masks
         loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+        after_forward = len(calls)
         loss.backward()
+        block_calls.append((after_forward, len(calls)))
         losses.append(loss)
+        for h in hooks:
+            h.remove()
+    # Checkpointing really happens: each block's forward is recomputed once during backward.
+    assert block_calls == [(2, 2), (2, 4)]
     torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
