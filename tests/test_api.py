@@ -1,5 +1,6 @@
 """Checkpoint directories through the public API, and the CLI's error contract."""
 
+import argparse
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import custom_llm
 from custom_llm import ModelConfig, Transformer, UserError
 from custom_llm.checkpoint_io import list_checkpoints, load_checkpoint_model, resolve_checkpoint_dir, save_model
-from custom_llm.cli import main
+from custom_llm.cli import build_parser, main
 
 
 def _model(**kw):
@@ -62,8 +63,17 @@ def test_cli_lists_every_subcommand(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "generate", "eval", "export", "import", "bench", "tokenizer"):
-        assert command in out
+    expected = {"train", "generate", "eval", "export", "import", "bench", "tokenizer"}
+    # The parser's sub-command choices, exactly.
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == expected
+    # And the help lists each one as an entry of its own: the lines indented under "COMMAND", up to the
+    # blank line that ends the group ("train" alone would also match other help text).
+    lines = out.splitlines()
+    start = lines.index("  COMMAND") + 1
+    end = lines.index("", start)
+    listed = [line.split()[0] for line in lines[start:end] if line.startswith("    ") and line[4] != " "]
+    assert sorted(listed) == sorted(expected)
 
 
 def test_cli_bad_flag_is_one_error_line(capsys):
