@@ -68,7 +68,7 @@ def shakespeare_char(ctx: Context) -> Result:
         start = time.perf_counter()
         result = train(model_config, train_config, tmp / "run", dataset, tokenizer, progress=False)
         seconds = time.perf_counter() - start
-    full = result.step == 5000 if preset == "shakespeare-char" else result.step == 2000
+    full = not ctx.quick and result.step == train_config.max_steps  # the whole recipe ran (no time limit hit)
     config = {"preset": preset, "data": str(path), "steps": result.step, "tokens": result.tokens,
               "batch": train_config.batch_size, "seq_len": T, "wall_s": round(seconds, 1),
               "tokens_per_s": round(result.tokens / seconds, 1),
