@@ -167,7 +167,8 @@ def parse_jsonl(text: str, path: Path, text_field: str, name: Optional[str] = No
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(row, dict) or text_field not in row:
-            raise UserError(f"{path}:{lineno}: no {text_field!r} field (name the field with train.text_field, or --text-field for `custom-llm tokenizer`)")
+            raise UserError(f"{path}:{lineno}: no {text_field!r} field (name the field with train.text_field, "
+                            f"or --text-field for `custom-llm tokenizer`)")
         value = row[text_field]
         if not isinstance(value, str):
             raise UserError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")

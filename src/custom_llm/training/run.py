@@ -121,7 +121,8 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
 
     runtime = init_runtime(job.train.device, job.train.precision)
     init_state, tokenizer = None, None
-    resuming = job.resume and latest_checkpoint(job.out) is not None
+    resume_from = latest_checkpoint(job.out) if job.resume else None
+    resuming = resume_from is not None
     if job.init is not None:
         if init is None:
             raise ValueError("run_job: a job with init needs the loaded (config, weights, tokenizer)")
@@ -131,7 +132,7 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
     elif resuming:
         from ..tokenizers import load_tokenizer
 
-        tokenizer = load_tokenizer(latest_checkpoint(job.out))
+        tokenizer = load_tokenizer(resume_from)
     elif job.resume:
         log.info("--resume: no complete checkpoint in %s yet; starting a new run there", job.out)
     for turn in range(2):  # rank 0 builds the tokenizer/token cache, the others read it afterwards
