@@ -30,7 +30,8 @@ others to): ``eager`` loops over experts and finds each one's tokens with a mask
 token-slots by expert once and runs every expert on its contiguous slice (one host sync for the
 slice sizes); ``grouped_mm`` runs all experts in one grouped matrix multiply (no host sync; on CUDA
 in bf16 under autocast); ``auto`` is ``grouped_mm`` where this torch has a kernel for the device
-(``F.grouped_mm``, torch >= 2.10: CPU and CUDA; ``torch._grouped_mm``: CUDA), else ``sorted``.
+(``F.grouped_mm``, torch >= 2.10: CPU and CUDA; ``torch._grouped_mm``: CUDA; compiled code: bf16
+only), else ``sorted``.
 
 Legend: B batch, T time, C d_model, N tokens (B*T), E experts, K experts per token (top-k),
 S token-slots (N*K), F expert hidden width.
@@ -53,15 +54,24 @@ def _grouped_mm_function() -> Optional[Callable]:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the grouped GEMMs run in: CUDA autocast's (grouped_mm is not autocast-aware), else x's."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
 def _has_grouped_mm_kernel(x: torch.Tensor) -> bool:
-    """F.grouped_mm (torch >= 2.10) runs on CPU and CUDA in any float dtype; the older
-    torch._grouped_mm only in bf16 on Hopper GPUs."""
+    """F.grouped_mm (torch >= 2.10) runs eagerly on CPU and CUDA in any float dtype; the older
+    torch._grouped_mm only in bf16 on Hopper GPUs. Under torch.compile the op's shape function
+    accepts only bf16 (torch 2.13), so compiled fp32 code takes the sorted path."""
+    bf16 = _grouped_mm_dtype(x) == torch.bfloat16
+    if torch.compiler.is_compiling() and not bf16:
+        return False
     if hasattr(F, "grouped_mm"):
         return True
     if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
         return False
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
-                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
     return bf16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -130,9 +140,7 @@ class Experts(nn.Module):
         n, k = idx.shape
         order = idx.reshape(-1).argsort(stable=True)  # (S,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        dtype = x.dtype
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")  # grouped_mm is not autocast-aware: cast ourselves
+        dtype = _grouped_mm_dtype(x)
         gate_up = self.gate_up_proj.to(dtype).transpose(1, 2)  # (E, C, 2F)
         down = self.down_proj.to(dtype).transpose(1, 2)  # (E, F, C)
         xs = x.to(dtype)[order // k]  # (S, C)
