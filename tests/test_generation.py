@@ -1,5 +1,7 @@
 """The generation engine: cached decoding equals full forwards; greedy equals an argmax loop and HF generate."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -179,6 +181,43 @@ def test_decode_step_traces_without_graph_breaks():
         eager = decode_one_token(model, cache, token, torch.tensor([5]), read_len=6)
         compiled = step(model, cache, token, torch.tensor([5]))
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_compiled_cpu_decode_matches_eager():
+    """The CPU compile path (inductor C++, weights frozen into its GEMM template) gives the eager tokens,
+    also when a second batch size recompiles and when guards are skipped after a generation's first step."""
+    torch.manual_seed(0)
+    model = tiny_model(sliding_window=4, window_pattern="SL")
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9)]
+    eager = Engine(model, compile=False, transpose_weights=False)
+    expected = [eager.generate(prompts, 12), eager.generate(prompts[1:], 12)]
+    torch._dynamo.reset()
+    engine = Engine(model, compile=True)
+    try:
+        assert engine.generate(prompts, 12) == expected[0]
+        assert engine.generate(prompts[1:], 12) == expected[1]  # batch 1: a new cache, a second graph
+        assert engine.generate(prompts, 12) == expected[0]  # back to the first graph
+        assert engine._step is not None  # it really ran compiled
+    finally:
+        torch._dynamo.reset()
+
+
+def test_failed_compile_warns_and_decodes_eagerly(monkeypatch, caplog):
+    generate_module = importlib.import_module("custom_llm.generation.generate")  # the module, not the function
+
+    def broken_compiler(device):
+        def step(*args):
+            raise RuntimeError("no C++ compiler\nInvalidCxxCompiler: gcc not found")
+        return step
+
+    monkeypatch.setattr(generate_module, "compile_decode_step", broken_compiler)
+    model = tiny_model()
+    expected = Engine(model, compile=False).generate([[1, 2, 3]], 8)
+    engine = Engine(model, compile=True)
+    with caplog.at_level("WARNING"):
+        assert engine.generate([[1, 2, 3]], 8) == expected
+    assert "compiling the decode step failed (RuntimeError: InvalidCxxCompiler: gcc not found)" in caplog.text
+    assert engine._step is None
 
 
 @pytest.mark.cuda

@@ -18,8 +18,12 @@ def register(sub) -> None:
                         help='one JSON object per line: {"case", "ours", "ref", "ratio", "unit", "device", "config"}')
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per side (default: 3 CPU, 5 CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke test)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                        help="do not torch.compile our model (compiled by default on CUDA)")
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                           help="do not torch.compile our model (compiled by default on CUDA)")
+    compiling.add_argument("--compile", dest="compile", action="store_true",
+                           help="torch.compile our training blocks and decode step on the CPU too (adds minutes of "
+                                "compilation on a small machine; the timings exclude it)")
     parser.add_argument("--ref-compile", action="store_true",
                         help="also torch.compile the Hugging Face reference in training cases")
     parser.add_argument("--threads", type=int, default=None,

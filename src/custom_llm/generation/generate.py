@@ -14,7 +14,9 @@ Legend: B batch, T prompt time, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+import contextlib
+import logging
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -22,6 +24,7 @@ from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 
 GREEDY = SamplingParams()
+log = logging.getLogger(__name__)
 
 
 def prefill(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -57,29 +60,65 @@ def store_weights_transposed(model: torch.nn.Module) -> None:
                 module.weight.data = module.weight.data.t().contiguous().t()  # (out, in), strides (1, out)
 
 
+# Inductor settings for the CPU decode step. ``freezing`` treats the weights as constants, which
+# lets inductor prepack them for its own C++ GEMM template (``max_autotune`` with the ``CPP``
+# backend only, so nothing is benchmarked at compile time): batch-1 matrix-vector products that
+# use every core and stream the weights about twice as fast as BLAS does here (2-core CPU, d=384,
+# 12.6M parameters: 5.1 ms per token against 10 ms eager).
+CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
+def compile_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
+    """:func:`decode_one_token`, compiled for static shapes: CUDA graphs on CUDA, frozen C++ on the CPU."""
+    if device.type == "cuda":
+        return torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(decode_one_token, dynamic=False)
+
+    def step(*args: Any) -> torch.Tensor:
+        # A config context, not torch.compile(options=...): measured, the options left the step at eager speed.
+        with inductor_config.patch(CPU_DECODE_INDUCTOR):
+            return compiled(*args)
+
+    return step
+
+
+def _skip_guards() -> contextlib.AbstractContextManager:
+    """A context in which compiled code runs without re-checking its guards (torch >= 2.7), else no-op."""
+    try:
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 class Engine:
     """Generates from one model, reusing its KV cache (and compiled decode step) across calls.
 
     ``compile``: None (default) compiles the decode step on CUDA only; True/False forces it. The
     compiled step reads fixed-size cache buffers (``static_len`` slots for full-attention layers, by
-    default the model's ``max_seq_len``), so it is traced once and replayed as a CUDA graph.
+    default the model's ``max_seq_len``), so it is traced once and then replayed: as a CUDA graph
+    on CUDA; on the CPU as inductor C++ code with the weights frozen into prepacked matrix-vector
+    kernels (:func:`compile_decode_step`; the weights must not change afterwards). If compiling
+    fails (no C++ compiler, say), a warning is logged and decoding continues eagerly.
     ``transpose_weights``: None (default) applies :func:`store_weights_transposed` to the model on
-    the CPU, where it speeds up decoding; True/False forces it.
+    the CPU when not compiling, where it speeds up eager decoding; True/False forces it.
     """
 
     def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None,
                  transpose_weights: Optional[bool] = None):
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
-        if self.device.type == "cpu" if transpose_weights is None else transpose_weights:
-            store_weights_transposed(model)
         self.compile = self.device.type == "cuda" if compile is None else compile
+        if (self.device.type == "cpu" and not self.compile) if transpose_weights is None else transpose_weights:
+            store_weights_transposed(model)
         self.static_len = static_len or model.config.max_seq_len
         self.has_full_attention = any(w is None for w in model.layer_windows)
         self.cache: Optional[KVCache] = None
         self._step = None
+        self._step_worked = False
         if self.compile:
-            self._step = torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
+            self._step = compile_decode_step(self.device)
         # Inference tensors may not be updated outside inference mode, and compiled code runs the
         # cache updates itself: plain no_grad there.
         self._grad_mode = torch.no_grad if self.compile else torch.inference_mode
@@ -123,10 +162,32 @@ class Engine:
             if step == max_new_tokens - 1:
                 break
             if self._step is not None:
-                logits = self._step(self.model, cache, token.unsqueeze(1), time).clone()
+                logits = self._compiled_step(cache, token.unsqueeze(1), time, checked=step > 0)
             else:
                 logits = decode_one_token(self.model, cache, token.unsqueeze(1), time, read_len=T + step + 1)
             time += 1
+
+    def _compiled_step(self, cache: KVCache, token: torch.Tensor, time: torch.Tensor, checked: bool) -> torch.Tensor:
+        """The compiled decode step; on its first failure to compile, warn and go eager for good.
+
+        ``checked``: an earlier step of this generation already ran with these same inputs (same
+        cache tensors and shapes; only the values of ``token`` and ``time`` differ), so dynamo's
+        guards, which check the model and inputs before every call (~0.4 ms on a 2-core CPU for a
+        6-layer model, as long as the step itself at d=384), are skipped.
+        """
+        try:
+            with _skip_guards() if checked else contextlib.nullcontext():
+                logits = self._step(self.model, cache, token, time).clone()  # clone: a replay reuses its output
+        except Exception as error:  # noqa: BLE001 - any compiler failure; eager is always correct
+            if self._step_worked:
+                raise
+            message = str(error).strip().splitlines()
+            log.warning("compiling the decode step failed (%s%s); decoding eagerly", type(error).__name__,
+                        f": {message[-1]}" if message else "")
+            self._step = None
+            return decode_one_token(self.model, cache, token, time, read_len=int(time) + 1)
+        self._step_worked = True
+        return logits
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
                  generator: Optional[torch.Generator] = None, eos_ids: Iterable[int] = (),
