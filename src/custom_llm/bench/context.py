@@ -23,7 +23,7 @@ class Context:
     device: torch.device
     sizes: Sizes
     compile: bool
-    """Compile our model (per block, torch.compile) in training cases; the default on CUDA."""
+    """Compile our model (per block, torch.compile) in training cases and the decode step; the default on CUDA."""
     ref_compile: bool = False
     """Also compile the Hugging Face reference (its best case, instead of its plain eager forward)."""
     seed: int = 0
