@@ -182,9 +182,9 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager is always correct
             if self._step_worked:
                 raise
-            message = str(error).strip().splitlines()
+            first_line = str(error).strip().split("\n", 1)[0]  # dynamo appends advice on debug flags
             log.warning("compiling the decode step failed (%s%s); decoding eagerly", type(error).__name__,
-                        f": {message[-1]}" if message else "")
+                        f": {first_line}" if first_line else "")
             self._step = None
             return decode_one_token(self.model, cache, token, time, read_len=int(time) + 1)
         self._step_worked = True
