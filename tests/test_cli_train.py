@@ -65,3 +65,17 @@ def test_end_to_end_char_run_then_resume(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(args[:-8] + ["--resume", "--max-steps", "6"]) == 0  # continue the same run further
     assert json.loads((out / "ckpt-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_explicit_compile_without_a_toolchain_fails_before_any_work(tmp_path, capsys):
+    """--train.compile true where inductor has no C++ compiler: one error line naming it, nothing written."""
+    import torch._inductor.config as inductor_config
+
+    out = tmp_path / "run"
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        code = main(["train", "--out", str(out), "--train.compile", "true", "--train.max_steps", "2",
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: train.compile:") and err.count("\n") == 1
+    assert "C++ compiler" in err and "--train.compile false" in err
+    assert not out.exists()

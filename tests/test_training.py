@@ -176,3 +176,30 @@ def test_metrics_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatc
     writer.close()
     assert calls == [("open", str(tmp_path / "tensorboard"), None), ("loss", 2.5, 3), ("lr", 1e-3, 3), ("close",)]
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 2.5
+
+
+def test_compile_decision_follows_the_toolchain(monkeypatch, caplog):
+    """Explicit compile without a toolchain is an error; the CUDA default falls back to eager with a warning."""
+    from custom_llm.errors import UserError
+    from custom_llm.training import trainer as trainer_module
+
+    asked = []
+
+    def missing(device):
+        asked.append(device.type)
+        return "Triton is not installed"
+
+    monkeypatch.setattr(trainer_module, "compile_toolchain_problem", missing)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(UserError, match="train.compile: .*Triton is not installed.*--train.compile false"):
+        trainer_module.use_compile(config(compile=True), cuda)
+    with caplog.at_level("WARNING", logger="custom_llm.training"):
+        assert trainer_module.use_compile(config(compile=None), cuda) is False
+    assert "training without torch.compile: Triton is not installed" in caplog.text
+    asked.clear()
+    assert trainer_module.use_compile(config(compile=False), cuda) is False
+    assert trainer_module.use_compile(config(compile=None), cpu) is False  # CPU default: eager, nothing probed
+    assert asked == []
+    monkeypatch.setattr(trainer_module, "compile_toolchain_problem", lambda device: None)
+    assert trainer_module.use_compile(config(compile=True), cpu) is True
+    assert trainer_module.use_compile(config(compile=None), cuda) is True

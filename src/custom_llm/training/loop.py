@@ -157,8 +157,7 @@ class TrainingLoop:
         params = t.model.num_params()
         log.info("model: %.2fM parameters (%.2fM active), %s on %s x%d, %s; MFU peak: %s",
                  params["total"] / 1e6, params["active"] / 1e6, t.rt.precision, t.rt.device.type,
-                 t.rt.world_size, "torch.compile" if t.tc.compile or t.rt.device.type == "cuda" and t.tc.compile is None
-                 else "eager", peak_note)
+                 t.rt.world_size, "torch.compile" if t.compiled else "eager", peak_note)
         if t.progress:
             from tqdm import tqdm
 

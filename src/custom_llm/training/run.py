@@ -23,7 +23,7 @@ from ..fsutil import check_writable_dir
 from .checkpoint import latest_checkpoint, remove_leftovers
 from .config import TrainConfig, check_run_config, load_config_file, resolve_run_config
 from .distributed import barrier, init_runtime
-from .trainer import TrainResult, train
+from .trainer import TrainResult, train, use_compile
 
 log = logging.getLogger("custom_llm.training")
 
@@ -120,6 +120,7 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
     from ..data import unigram_entropy
 
     runtime = init_runtime(job.train.device, job.train.precision)
+    use_compile(job.train, runtime.device)  # an impossible explicit --train.compile true fails before any work
     init_state, tokenizer = None, None
     resume_from = latest_checkpoint(job.out) if job.resume else None
     resuming = resume_from is not None

@@ -115,8 +115,8 @@ class Trainer:
     # --- setup ------------------------------------------------------------------------------------
     def _wrap(self) -> nn.Module:
         """torch.compile (CUDA default) and DistributedDataParallel around the loss."""
-        use_compile = self.tc.compile if self.tc.compile is not None else self.rt.device.type == "cuda"
-        if use_compile:
+        self.compiled = use_compile(self.tc, self.rt.device)
+        if self.compiled:
             self.model.compile_blocks()
         net: nn.Module = _LossModule(self.model)
         if self.rt.distributed:
@@ -256,6 +256,41 @@ class Trainer:
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png", getattr(self, "reference_loss", None))
         barrier(self.rt)
         return path
+
+
+def compile_toolchain_problem(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot generate code for ``device`` on this machine, or None when it can.
+
+    Inductor writes Triton kernels on CUDA and C++ on the CPU, and finds out that it cannot only at
+    the first forward, deep in a training step; this asks up front.
+    """
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # an older torch: nothing to ask, the first step will tell
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # noqa: BLE001 - InvalidCxxCompiler and whatever probing the compiler raises
+        return str(error).strip().split("\n", 1)[0] or type(error).__name__
+    return None
+
+
+def use_compile(tc: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile: ``train.compile`` when set, else on CUDA. Where the toolchain is missing, an
+    explicit true is a UserError and the CUDA default is dropped with a warning."""
+    wanted = tc.compile if tc.compile is not None else device.type == "cuda"
+    problem = compile_toolchain_problem(device) if wanted else None
+    if problem is None:
+        return wanted
+    if tc.compile:
+        raise UserError(f"train.compile: torch.compile cannot generate {device.type} code here ({problem}); "
+                        "fix that or pass --train.compile false")
+    log.warning("training without torch.compile: %s", problem)
+    return False
 
 
 def _make_scaler(rt: Runtime):
