@@ -80,6 +80,15 @@ def test_cli_cuda_without_gpu_is_a_user_error(capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_cli_compile_without_a_toolchain_is_a_user_error(tmp_path, capsys):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        assert main(["bench", "--compile", "--quick", "--cases", "tokenize", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --compile: torch.compile cannot generate cpu code") and "C++ compiler" in err
+
+
 def test_shakespeare_case_quick_and_missing_text(shakespeare_path, tmp_path, capsys):
     assert main(["bench", "--quick", "--json", "--cases", "shakespeare_char", "--data", str(shakespeare_path)]) == 0
     d = json.loads(capsys.readouterr().out)

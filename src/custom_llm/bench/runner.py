@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ..errors import UserError
+from ..training.trainer import compile_toolchain_problem
 from .context import Context
 from .core import Result
 from .sizes import sizes_for
+
+log = logging.getLogger(__name__)
 
 
 def _case(module: str, name: str) -> Callable[[Context], Result]:
@@ -73,6 +77,14 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
         raise UserError(f"--repeats must be at least 1 (got {repeats})")
     if compile is None:
         compile = dev.type == "cuda" and not quick
+        problem = compile_toolchain_problem(dev) if compile else None
+        if problem is not None:
+            log.warning("benchmarking our side without torch.compile: %s", problem)
+            compile = False
+    elif compile:
+        problem = compile_toolchain_problem(dev)
+        if problem is not None:
+            raise UserError(f"--compile: torch.compile cannot generate {dev.type} code here ({problem})")
     ctx = Context(device=dev, sizes=sizes_for(dev, quick, repeats), compile=compile, ref_compile=ref_compile,
                   seed=seed, quick=quick, data=data)
     for name in names:
