@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ..errors import UserError
-from ..training.trainer import compile_toolchain_problem
+from ..training.trainer import resolve_compile
 from .context import Context
 from .core import Result
 from .sizes import sizes_for
-
-log = logging.getLogger(__name__)
 
 
 def _case(module: str, name: str) -> Callable[[Context], Result]:
@@ -75,16 +72,8 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
     dev = resolve_device(device)
     if repeats is not None and repeats < 1:
         raise UserError(f"--repeats must be at least 1 (got {repeats})")
-    if compile is None:
-        compile = dev.type == "cuda" and not quick
-        problem = compile_toolchain_problem(dev) if compile else None
-        if problem is not None:
-            log.warning("benchmarking our side without torch.compile: %s", problem)
-            compile = False
-    elif compile:
-        problem = compile_toolchain_problem(dev)
-        if problem is not None:
-            raise UserError(f"--compile: torch.compile cannot generate {dev.type} code here ({problem})")
+    compile = resolve_compile(compile, dev, dev.type == "cuda" and not quick, "--compile", "run without --compile",
+                              "benchmarking our side")
     ctx = Context(device=dev, sizes=sizes_for(dev, quick, repeats), compile=compile, ref_compile=ref_compile,
                   seed=seed, quick=quick, data=data)
     for name in names:

@@ -279,18 +279,24 @@ def compile_toolchain_problem(device: torch.device) -> Optional[str]:
     return None
 
 
-def use_compile(tc: TrainConfig, device: torch.device) -> bool:
-    """Whether to compile: ``train.compile`` when set, else on CUDA. Where the toolchain is missing, an
-    explicit true is a UserError and the CUDA default is dropped with a warning."""
-    wanted = tc.compile if tc.compile is not None else device.type == "cuda"
+def resolve_compile(requested: Optional[bool], device: torch.device, default: bool, flag: str, off_hint: str,
+                    activity: str) -> bool:
+    """Whether to compile: ``requested`` when set, else ``default``. Where the toolchain is missing,
+    an explicit True is a UserError naming ``flag`` and a default True is dropped with a warning."""
+    wanted = default if requested is None else requested
     problem = compile_toolchain_problem(device) if wanted else None
     if problem is None:
         return wanted
-    if tc.compile:
-        raise UserError(f"train.compile: torch.compile cannot generate {device.type} code here ({problem}); "
-                        "fix that or pass --train.compile false")
-    log.warning("training without torch.compile: %s", problem)
+    if requested:
+        raise UserError(f"{flag}: torch.compile cannot generate {device.type} code here ({problem}); {off_hint}")
+    log.warning("%s without torch.compile: %s", activity, problem)
     return False
+
+
+def use_compile(tc: TrainConfig, device: torch.device) -> bool:
+    """``train.compile`` resolved for this device (default: on CUDA), see :func:`resolve_compile`."""
+    return resolve_compile(tc.compile, device, device.type == "cuda", "train.compile",
+                           "fix that or pass --train.compile false", "training")
 
 
 def _make_scaler(rt: Runtime):
