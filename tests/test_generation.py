@@ -223,6 +223,46 @@ def test_failed_compile_warns_and_decodes_eagerly(monkeypatch, caplog):
     assert engine._step is None
 
 
+def test_a_recompile_mid_generation_turns_the_guard_skip_off(monkeypatch):
+    """Skipped guards make a needed recompilation an error (torch raises); the engine retries that step
+    with guards, keeps them on, and the tokens stay right."""
+    generate_module = importlib.import_module("custom_llm.generation.generate")
+    calls = []
+
+    def compiler_needing_a_recompile(device):
+        def step(model, cache, token, time):
+            skipping = torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
+            calls.append(skipping)
+            if skipping and len(calls) == 3:
+                raise RuntimeError("Recompilation triggered with skip_guard_eval_unsafe stance. ...")
+            return decode_one_token(model, cache, token, time, read_len=int(time) + 1)
+        return step
+
+    monkeypatch.setattr(generate_module, "compile_decode_step", compiler_needing_a_recompile)
+    model = tiny_model()
+    expected = Engine(model, compile=False).generate([[1, 2, 3]], 8)
+    engine = Engine(model, compile=True)
+    assert engine.generate([[1, 2, 3]], 8) == expected
+    assert calls == [False, True, True, False, False, False, False, False]  # first step checks; retry and after: checks
+    assert engine._step is not None
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler on the CPU")
+def test_compiled_cpu_decode_of_an_moe_model_matches_eager():
+    """MoE decoding compiles to static shapes (the 'gathered' experts): no recompilation per routing."""
+    torch.manual_seed(0)
+    model = tiny_model(n_experts=4, moe_top_k=2, moe_ffn_dim=24, n_shared_experts=1, shared_expert_gate=True)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9)]
+    expected = Engine(model, compile=False, transpose_weights=False).generate(prompts, 12)
+    torch._dynamo.reset()
+    try:
+        engine = Engine(model, compile=True)
+        assert engine.generate(prompts, 12) == expected
+        assert engine._step is not None and engine._skip_guards  # compiled, and no step needed a new graph
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 def test_compiled_cuda_decode_matches_eager():
     torch.manual_seed(0)

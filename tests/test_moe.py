@@ -32,7 +32,7 @@ def _fwd_bwd(layer, x, dispatch, seed=1):
     return y.detach(), x.grad, grads
 
 
-CPU_PATHS = ["sorted"] + (["grouped_mm"] if _grouped_mm_function() is not None else [])
+CPU_PATHS = ["sorted", "gathered"] + (["grouped_mm"] if _grouped_mm_function() is not None else [])
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -55,9 +55,20 @@ def test_dispatch_paths_match_eager_forward_and_backward(dispatch, training):
 
 
 def test_auto_dispatch_choice_on_cpu():
-    layer = MoE(_config(moe_dispatch="auto"))
+    layer = MoE(_config(moe_dispatch="auto"))  # 6 experts, top-2
     expected = "forward_grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "forward_sorted"
-    assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == expected
+    assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == expected  # eagerly, even for a few tokens
+    seen = []
+
+    def traced(x):
+        seen.append(layer._dispatch_path(x).__name__)
+        return x
+
+    torch._dynamo.reset()
+    torch.compile(traced, backend="eager")(torch.zeros(64, 32))  # compiled decoding sizes
+    torch.compile(traced, backend="eager")(torch.zeros(65, 32))
+    torch._dynamo.reset()
+    assert seen == ["forward_gathered", "forward_sorted"]  # compiled fp32 never takes grouped_mm
     layer.dispatch = "eager"
     assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == "forward_eager"
 

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 ATTN_BACKENDS = ("sdpa", "flex", "eager")
 LAYERDROP_SCHEDULES = ("constant", "linear")
-MOE_DISPATCH = ("auto", "eager", "sorted", "grouped_mm")
+MOE_DISPATCH = ("auto", "eager", "sorted", "grouped_mm", "gathered")
 
 
 @dataclass
@@ -106,7 +106,8 @@ class ModelConfig:
     moe_z_loss_coef: float = 0.001
     """Coefficient of the ST-MoE router z-loss."""
     moe_dispatch: str = "auto"
-    """Expert dispatch: 'eager' (per-expert loop, the reference), 'sorted' (tokens sorted by expert), 'grouped_mm' (CUDA), 'auto'."""
+    """Expert dispatch: 'eager' (per-expert loop, the reference), 'sorted' (tokens sorted by expert), 'grouped_mm',
+    'gathered' (each token's experts' weights gathered: decoding), 'auto' (see model/moe.py)."""
 
     def __post_init__(self) -> None:
         problems = []
