@@ -1,8 +1,8 @@
 """Inference cases: batch-1 greedy decoding and long-prompt prefill against Hugging Face.
 
 ``decode``: new tokens/s of :class:`custom_llm.generation.Engine` (compiled decode step with a static
-cache on CUDA, and on the CPU with ``--compile``) against ``generate(do_sample=False)`` of the HF twin, both producing exactly N tokens
-after the same prompt; the config records how many of the greedy tokens agree. ``prefill``: prompt
+cache on CUDA, and on the CPU with ``--compile``) against ``generate(do_sample=False)`` of the HF
+twin, both producing exactly N tokens after the same prompt; the config records how many of the greedy tokens agree. ``prefill``: prompt
 tokens/s of a forward that fills the KV cache (ours: :func:`~custom_llm.generation.prefill` into a
 preallocated cache; HF: ``forward(use_cache=True, logits_to_keep=1)`` into its dynamic cache).
 """

@@ -7,7 +7,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from ..training.trainer import resolve_compile
 from .context import Context
 from .core import Result
 from .sizes import sizes_for
@@ -72,6 +71,8 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
     dev = resolve_device(device)
     if repeats is not None and repeats < 1:
         raise UserError(f"--repeats must be at least 1 (got {repeats})")
+    from ..training.trainer import resolve_compile  # imported on use, like the cases' heavy modules
+
     compile = resolve_compile(compile, dev, dev.type == "cuda" and not quick, "--compile", "run without --compile",
                               "benchmarking our side")
     ctx = Context(device=dev, sizes=sizes_for(dev, quick, repeats), compile=compile, ref_compile=ref_compile,

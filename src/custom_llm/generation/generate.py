@@ -84,7 +84,7 @@ def compile_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return step
 
 
-def _skip_guards() -> contextlib.AbstractContextManager:
+def _guard_skipping() -> contextlib.AbstractContextManager:
     """A context in which compiled code skips guards that cannot tell its compiled variants apart
     (``set_stance(skip_guard_eval_unsafe=True)``); a no-op on a torch without that flag."""
     try:
@@ -179,7 +179,7 @@ class Engine:
         """
         skip = checked and self._skip_guards
         try:
-            with _skip_guards() if skip else contextlib.nullcontext():
+            with _guard_skipping() if skip else contextlib.nullcontext():
                 logits = self._step(self.model, cache, token, time).clone()  # clone: a replay reuses its output
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager is always correct
             if skip and "skip_guard_eval_unsafe" in str(error):  # the step needs a new graph after all

@@ -32,9 +32,9 @@ slice sizes); ``grouped_mm`` runs all experts in one grouped matrix multiply (no
 in bf16 under autocast); ``gathered`` gathers each token's K experts' weights and applies them with
 batched products (static shapes, no sync; reads only the chosen experts, so it suits a few tokens:
 decoding, as in gpt-fast). ``auto`` is ``gathered`` for a few tokens in compiled code
-(``MoE._few_tokens``), else
-``grouped_mm`` where this torch has a kernel for the device (``F.grouped_mm``, torch >= 2.10: CPU
-and CUDA; ``torch._grouped_mm``: CUDA; compiled code: bf16 only), else ``sorted``.
+(``MoE._few_tokens``), else ``grouped_mm`` where this torch has a kernel for the device
+(``F.grouped_mm``, torch >= 2.10: CPU and CUDA; ``torch._grouped_mm``: CUDA; compiled code: bf16
+only), else ``sorted``.
 
 Legend: B batch, T time, C d_model, N tokens (B*T), E experts, K experts per token (top-k),
 S token-slots (N*K), F expert hidden width.
@@ -155,7 +155,6 @@ class Experts(nn.Module):
         y = y.float() * weights.reshape(-1)[order, None].float()
         unsorted = torch.empty_like(y).index_copy_(0, order, y)  # (S, C) back in token-slot order
         return unsorted.view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, C), deterministic reduction
-
 
     def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                          counts: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,8 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
     from ..data import unigram_entropy
 
     runtime = init_runtime(job.train.device, job.train.precision)
-    use_compile(job.train, runtime.device)  # an impossible explicit --train.compile true fails before any work
+    if job.train.compile:  # an impossible explicit --train.compile true fails before any work (the default: in Trainer)
+        use_compile(job.train, runtime.device)
     init_state, tokenizer = None, None
     resume_from = latest_checkpoint(job.out) if job.resume else None
     resuming = resume_from is not None
