@@ -56,7 +56,7 @@ class TrainConfig:
 
     # --- optimizer and schedule ------------------------------------------------------------------
     optimizer: str = "adamw"
-    """'adamw' or 'lion' (Chen et al. 2023; use a 3-10x smaller lr and larger weight_decay)."""
+    """'adamw', 'lion' (Chen et al. 2023; use a 3-10x smaller lr and larger weight_decay) or 'muon' (Jordan et al. 2024: Muon for the blocks' matrices, AdamW at lr for the rest)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -77,6 +77,12 @@ class TrainConfig:
     """Second-moment coefficient (Lion: momentum coefficient)."""
     eps: float = 1e-8
     """AdamW's epsilon."""
+    muon_lr: float = 0.02
+    """Muon only: peak learning rate of the block matrices (lr is the AdamW groups'); same schedule."""
+    muon_momentum: float = 0.95
+    """Muon only: Nesterov momentum coefficient."""
+    muon_weight_decay: float = 0.0
+    """Muon only: decoupled weight decay of the block matrices (weight_decay is the AdamW groups')."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -132,6 +138,9 @@ class TrainConfig:
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, f"train.{name} must be an integer >= 0")
         need(self.seq_len is None or (_is_int(self.seq_len) and self.seq_len >= 1), "train.seq_len must be a positive integer or null")
         need(_is_number(self.lr) and self.lr > 0, "train.lr must be > 0")
+        need(_is_number(self.muon_lr) and self.muon_lr > 0, "train.muon_lr must be > 0")
+        need(_is_number(self.muon_momentum) and 0 <= self.muon_momentum < 1, "train.muon_momentum must be in [0, 1)")
+        need(_is_number(self.muon_weight_decay) and self.muon_weight_decay >= 0, "train.muon_weight_decay must be >= 0")
         for name in ("min_lr_ratio", "decay_fraction", "beta1", "beta2"):
             need(_is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, f"train.{name} must be in [0, 1]")
         need(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "train.val_fraction must be in (0, 1)")

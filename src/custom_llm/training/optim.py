@@ -1,24 +1,73 @@
-"""Optimizers: AdamW with decay-aware parameter groups, and Lion (Chen et al. 2023).
+"""Optimizers: AdamW with decay-aware parameter groups, Lion (Chen et al. 2023), and Muon (see muon.py).
 
 Weight decay regularises matrices; it is left off vectors and scalars (norm weights, biases, ReZero
 scales: every parameter with fewer than 2 dimensions) and, unless asked, off the token embedding
 (which, when tied, is also the LM head).
+
+Every group carries ``base_lr``, its peak learning rate; a training loop sets each step's
+``group["lr"] = group["base_lr"] * schedule multiplier``, so Muon's matrices (lr ~0.02) and its
+AdamW groups (the run's lr) follow the same schedule at their own scale.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import functools
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "lion")
+from .muon import Muon
+
+OPTIMIZERS = ("adamw", "lion", "muon")
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Two groups: parameters that get weight decay and those that do not (each shared tensor once)."""
+@functools.lru_cache(maxsize=None)
+def adamw_fused_available(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (CUDA; CPU since torch 2.4): the one place
+    the fused-or-foreach choice is made (foreach otherwise).
+
+    The fused kernel does each parameter's whole update in one pass; the foreach path runs about ten
+    multi-tensor ops, each a pass over every parameter and its two moments: on the CPU that is 3-5x
+    slower, a few percent of a small model's training step.
+    """
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        torch.optim.AdamW([probe], fused=True)
+    except (RuntimeError, TypeError):  # a build, device or torch version without the kernel
+        return False
+    return True
+
+
+def make_adamw(params: Iterable, device: torch.device, **hyper: Any) -> torch.optim.AdamW:
+    """torch's AdamW over ``params`` (tensors or groups), fused where :func:`adamw_fused_available`, else foreach."""
+    kernel = {"fused": True} if adamw_fused_available(torch.device(device)) else {"foreach": True}
+    return torch.optim.AdamW(params, **hyper, **kernel)
+
+
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon trains: every matrix (or stack of expert matrices) inside the blocks except
+    routers (router, its noise projection, the shared-expert gate), which stay with AdamW."""
+    blocks = getattr(model, "layers", None)
+    if blocks is None:
+        return []
+    routing = {"router", "noise", "shared_expert_gate"}
+    routers = {id(p) for name, module in blocks.named_modules() if name.rsplit(".", 1)[-1] in routing
+               for p in module.parameters()}
+    matrices, seen = [], set()
+    for param in blocks.parameters():
+        if param.requires_grad and param.ndim >= 2 and id(param) not in routers and id(param) not in seen:
+            seen.add(id(param))
+            matrices.append(param)
+    return matrices
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 exclude: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """Two groups: parameters that get weight decay and those that do not (each shared tensor once),
+    leaving out ``exclude``."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    decay, no_decay, seen = [], [], {id(p) for p in exclude}
     for _, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
@@ -78,21 +127,38 @@ class Lion(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8, decay_embeddings: bool = False) -> torch.optim.Optimizer:
-    """AdamW (the fused kernel where torch has one for the device, else foreach) or Lion over :func:`param_groups`.
+                    eps: float = 1e-8, decay_embeddings: bool = False, *, muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (:func:`make_adamw`), Lion, or Muon over :func:`param_groups`; every group gets ``base_lr``.
 
-    The fused kernel (torch >= 2.4 on CPU, earlier on CUDA) does each parameter's whole update in one
-    pass; the foreach path runs about ten multi-tensor ops, each a pass over every parameter and its two
-    moments: on the CPU that is 3-5x slower, a few percent of a small model's training step.
+    ``muon``: the block matrices (:func:`muon_matrices`) in one Muon group (``muon_lr``,
+    ``muon_momentum`` Nesterov, ``muon_weight_decay``); everything else in the two AdamW groups at
+    ``lr``, ``betas``, ``eps`` and ``weight_decay``.
     """
-    groups = param_groups(model, weight_decay, decay_embeddings)
-    if name == "lion":
-        return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name != "adamw":
+    if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}")
-    for kwargs in ({"fused": True}, {"foreach": True}):
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
-        except (RuntimeError, TypeError):  # a build or device without that kernel: try the next one
-            continue
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    device = next(model.parameters()).device
+    if name == "muon":
+        matrices = muon_matrices(model)
+        groups = [{"params": matrices, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": muon_weight_decay,
+                   "muon": True}]
+        groups += [dict(g, lr=lr, muon=False) for g in param_groups(model, weight_decay, decay_embeddings, matrices)]
+        optimizer: torch.optim.Optimizer = Muon(groups, lr=muon_lr, betas=betas, eps=eps,
+                                                adamw_fused=adamw_fused_available(device))
+    elif name == "lion":
+        optimizer = Lion(param_groups(model, weight_decay, decay_embeddings), lr=lr, betas=betas,
+                         weight_decay=weight_decay)
+    else:
+        optimizer = make_adamw(param_groups(model, weight_decay, decay_embeddings), device, lr=lr, betas=betas,
+                               eps=eps, weight_decay=weight_decay)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
+
+
+def optimizer_from_config(model: nn.Module, train_config: Any) -> torch.optim.Optimizer:
+    """:func:`build_optimizer` with a TrainConfig's fields."""
+    tc = train_config
+    return build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps,
+                           tc.decay_embeddings, muon_lr=tc.muon_lr, muon_momentum=tc.muon_momentum,
+                           muon_weight_decay=tc.muon_weight_decay)
