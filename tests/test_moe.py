@@ -25,8 +25,8 @@ def _fwd_bwd(layer, x, dispatch, seed=1):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
-    y = layer(x)
-    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + layer.aux_loss + layer.z_loss
+    y, stats = layer(x)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + stats.aux_loss + stats.z_loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), x.grad, grads
@@ -65,10 +65,12 @@ def test_auto_dispatch_choice_on_cpu():
         return x
 
     torch._dynamo.reset()
-    torch.compile(traced, backend="eager")(torch.zeros(64, 32))  # compiled decoding sizes
-    torch.compile(traced, backend="eager")(torch.zeros(65, 32))
+    with torch.no_grad():
+        torch.compile(traced, backend="eager")(torch.zeros(64, 32))  # compiled decoding sizes
+        torch.compile(traced, backend="eager")(torch.zeros(65, 32))
+    torch.compile(traced, backend="eager")(torch.zeros(8, 32))  # compiled training: never gathered
     torch._dynamo.reset()
-    assert seen == ["forward_gathered", "forward_sorted"]  # compiled fp32 never takes grouped_mm
+    assert seen == ["forward_gathered", "forward_sorted", "forward_sorted"]  # compiled fp32 never takes grouped_mm
     layer.dispatch = "eager"
     assert layer._dispatch_path(torch.zeros(2, 32)).__name__ == "forward_eager"
 
@@ -79,7 +81,7 @@ def test_eager_reference_matches_naive_per_token_loop():
                         moe_renormalize=False, moe_dispatch="eager")).eval()
     x = torch.randn(1, 9, 32)
     with torch.no_grad():
-        y = layer(x)[0]
+        y = layer(x)[0][0]
         probs = (x[0] @ layer.router.weight.T).softmax(-1)
         for t in range(9):
             top = probs[t].topk(2)
@@ -95,28 +97,28 @@ def test_loss_values_by_hand():
     layer = MoE(_config(moe_noisy_gating=False)).eval()
     with torch.no_grad():
         layer.router.weight.zero_()
-        layer(torch.randn(2, 5, 32))
-    torch.testing.assert_close(layer.aux_loss, torch.tensor(2.0))
-    torch.testing.assert_close(layer.z_loss, torch.tensor(math.log(6) ** 2))
+        stats = layer(torch.randn(2, 5, 32))[1]
+    torch.testing.assert_close(stats.aux_loss, torch.tensor(2.0))
+    torch.testing.assert_close(stats.z_loss, torch.tensor(math.log(6) ** 2))
     # A router that sends everything to expert 0 with probability ~1: f_0 = 1 (one of K=2 slots), P_0 = 1.
     with torch.no_grad():
         layer.router.weight.zero_()
         x = torch.randn(2, 5, 32).abs()
         layer.router.weight[0] = 100.0
-        layer(x)
-    torch.testing.assert_close(layer.aux_loss, torch.tensor(6.0 * 1.0), atol=1e-4, rtol=0)
-    assert layer.expert_load[0] == 0.5 and layer.expert_load.sum() == 1.0
+        stats = layer(x)[1]
+    torch.testing.assert_close(stats.aux_loss, torch.tensor(6.0 * 1.0), atol=1e-4, rtol=0)
+    assert stats.expert_load[0] == 0.5 and stats.expert_load.sum() == 1.0
 
 
 def test_expert_load_counts_routed_slots():
     layer = MoE(_config()).eval()
     x = torch.randn(2, 11, 32)
+    load = layer(x)[1].expert_load
     with torch.no_grad():
-        layer(x)
         _, _, _, idx = layer.route(x.reshape(-1, 32))
     expected = torch.bincount(idx.flatten(), minlength=6).float() / idx.numel()
-    torch.testing.assert_close(layer.expert_load, expected)
-    assert not layer.expert_load.requires_grad
+    torch.testing.assert_close(load, expected)
+    assert not load.requires_grad
 
 
 def test_noisy_gating_only_in_training_and_reproducible():
@@ -127,16 +129,16 @@ def test_noisy_gating_only_in_training_and_reproducible():
     clean = MoE(_config(moe_noisy_gating=False))
     clean.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("noise")})
     with torch.no_grad():
-        torch.testing.assert_close(layer.eval()(x), clean.eval()(x))  # eval: no noise
+        torch.testing.assert_close(layer.eval()(x)[0], clean.eval()(x)[0])  # eval: no noise
         layer.train()
         torch.manual_seed(3)
-        a = layer(x)
+        a = layer(x)[0]
         torch.manual_seed(3)
-        b = layer(x)
-        c = layer(x)
+        b = layer(x)[0]
+        c = layer(x)[0]
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-4  # fresh noise changes the routing
-    assert (a - clean.train()(x)).abs().max() > 1e-4
+    assert (a - clean.train()(x)[0]).abs().max() > 1e-4
 
 
 def test_renormalize_switch():
@@ -162,16 +164,25 @@ def test_layer_placement_patterns(every, first, expected):
 
 def test_active_params_and_losses_reach_the_model():
     config = _config(n_layers=3, moe_every=2)
-    model = Transformer(config)
+    model = Transformer(config).eval()  # eval: no router noise, so two forwards route alike
     counts = model.num_params()
     routed = sum(b.mlp.routed_expert_params() for b in model.layers if isinstance(b.mlp, MoE))
     assert routed == 2 * 6 * 3 * 24 * 32
     assert counts["total"] - counts["active"] == pytest.approx(routed * (1 - 2 / 6))
     ids = torch.randint(0, 64, (2, 12))
     out = model.compute_loss(ids, ids)
-    moe_layers = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
-    torch.testing.assert_close(out.aux_loss, sum(m.aux_loss for m in moe_layers))
-    torch.testing.assert_close(out.z_loss, sum(m.z_loss for m in moe_layers))
+    x = model.embed_tokens(ids)
+    cos, sin = model.rope(torch.arange(12))
+    aux = z = 0
+    for i, block in enumerate(model.layers):  # the blocks one by one, each MoE layer's own stats
+        x, stats = block(x, cos, sin)
+        assert (stats is not None) == isinstance(block.mlp, MoE)
+        if stats is not None:
+            aux, z = aux + stats.aux_loss, z + stats.z_loss
+            torch.testing.assert_close(out.expert_load[i], stats.expert_load)
+    assert sorted(out.expert_load) == [i for i, moe in enumerate(model.layer_is_moe) if moe]
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.z_loss, z)
 
 
 def test_init_weights_scales():

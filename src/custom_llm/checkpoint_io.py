@@ -78,12 +78,40 @@ def read_model_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_dict(data["model"])
 
 
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a model's state dict, from a model built on the meta device."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The one way to build a model from stored weights (every loader uses it), in eval mode.
+
+    The model is built on the meta device (no initialisation cost), given empty CPU storage, and
+    filled from ``state`` (names and shapes checked; ``source`` names it in errors). Buffers that
+    are not stored (RoPE's inverse frequencies) are computed afresh.
+    """
+    from .model import Transformer
+    from .model.rope import RotaryEmbedding
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu")
+    model.rope.inv_freq.copy_(RotaryEmbedding(config.resolved_head_dim, config.rope_theta).inv_freq)
+    load_state_into(model, state, source)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
 def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
                           dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """Build the model described by a checkpoint directory and load its weights."""
     from safetensors.torch import load_file
-
-    from .model import Transformer
 
     directory = Path(directory)
     config = read_model_config(directory)
@@ -94,21 +122,7 @@ def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"cannot read {weights}: {exc}") from None
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device="cpu")
-    model.rope.inv_freq.copy_(_fresh_inv_freq(config))
-    load_state_into(model, state, str(weights))
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.eval()
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-
-
-def _fresh_inv_freq(config: ModelConfig) -> torch.Tensor:
-    from .model.rope import RotaryEmbedding
-
-    return RotaryEmbedding(config.resolved_head_dim, config.rope_theta).inv_freq
+    return build_model(config, state, str(weights), device, dtype)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from ..checkpoint_io import (CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_model, load_state_into, read_json,
+from ..checkpoint_io import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_checkpoint_model, parameter_shapes, read_json,
                              resolve_checkpoint_dir, save_model, write_json)
 from ..config import ModelConfig
 from ..errors import UserError
@@ -35,23 +35,6 @@ from .hf_weights import from_hf_state, read_hf_tensors, to_hf_state
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _empty_model(config: ModelConfig) -> torch.nn.Module:
-    """A Transformer for ``config`` with uninitialised CPU weights (built on the meta device: no init cost)."""
-    from ..model import Transformer
-    from ..model.rope import RotaryEmbedding
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device="cpu")
-    model.rope.inv_freq.copy_(RotaryEmbedding(config.resolved_head_dim, config.rope_theta).inv_freq)
-    for module in model.modules():  # per-forward statistics created on the meta device
-        for name in ("aux_loss", "z_loss", "expert_load"):
-            value = getattr(module, name, None)
-            if isinstance(value, torch.Tensor) and value.is_meta:
-                setattr(module, name, torch.zeros(value.shape))
-    return model
 
 
 def read_hf_config(folder: Path) -> tuple[dict, ModelConfig]:
@@ -68,14 +51,8 @@ def load_hf_model(path: Union[str, Path], device: Union[str, torch.device] = "cp
     if not folder.is_dir():
         raise UserError(f"Hugging Face model folder not found: {folder}")
     hf, config = read_hf_config(folder)
-    model = _empty_model(config)
-    our_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = from_hf_state(read_hf_tensors(folder), config, hf["model_type"], our_shapes, str(folder))
-    load_state_into(model, state, str(folder))
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.eval()
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    state = from_hf_state(read_hf_tensors(folder), config, hf["model_type"], parameter_shapes(config), str(folder))
+    return build_model(config, state, str(folder), device, dtype)
 
 
 @contextmanager

@@ -57,6 +57,41 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return probs @ v  # (B, H, T, D)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """PyTorch's fused attention; ``mask`` None means plain causal attention over T == S.
+
+    With a mask, ``enable_gqa=True`` sends SDPA to its math kernel (B x H x T x S fp32 scores, memory
+    quadratic in T) on the torch versions users have, so K/V are expanded to the query heads instead
+    and a fused kernel (memory-efficient on CUDA, flash on the CPU) takes the masked call. Without a
+    mask, ``is_causal`` + ``enable_gqa`` reads the K/V heads in place.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D): query head h reads kv head h // n_rep
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def build_block_mask(window: Optional[int], length: int, device: torch.device) -> Any:
+    """A flex-attention block mask for causal (or sliding-window) attention over ``length`` tokens.
+
+    Built by the model once per forward, outside compiled code (as gpt-fast and torchtitan do), and
+    passed to the layers: built inside a compiled block, it would be traced into every block's graph.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (kv_idx > q_idx - window)
+        return allowed
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
 class Attention(nn.Module):
     """Multi-head attention with RoPE, GQA, an optional sliding window and a choice of kernel."""
 
@@ -67,21 +102,24 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.resolved_head_dim
-        self.backend = config.attn_backend
+        self.eager = config.attn_backend == "eager"  # else SDPA, or flex when the model passes a block mask
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=config.attn_bias)
         self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
         self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
-        self._block_masks: dict[Any, Any] = {}
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None,
+                block_mask: Any = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
         ``kv_cache``, when given (generation), must offer ``update(layer_idx, k, v) -> (k_all, v_all,
         mask)``: it stores this step's keys/values and returns every key/value the queries may see with
         a boolean mask broadcastable to (B, H, T, S), or None when those are exactly this step's T keys
-        and plain causal attention applies.
+        and plain causal attention applies. ``block_mask`` (from :func:`build_block_mask`, for this
+        layer's window) runs flex attention; the model passes one when ``attn_backend`` is ``flex``
+        and flex can run (not in CPU training, where torch has no flex backward: SDPA with the same
+        mask instead).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -90,47 +128,26 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
 
-        if kv_cache is not None:
-            k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D), mask (B|1, 1, T, S)
-            if mask is None:  # the cache holds exactly these T keys: plain causal attention
-                pos = torch.arange(T, device=x.device)
-                mask = causal_window_mask(pos, pos, None) if self.backend == "eager" else None
-            if self.backend == "eager":
-                y = eager_attention(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        elif self.backend == "eager":
-            pos = torch.arange(T, device=x.device)
-            y = eager_attention(q, k, v, causal_window_mask(pos, pos, self.window), dropout_p)
-        elif self.backend == "flex" and not (x.device.type == "cpu" and q.requires_grad):
-            y = self._flex(q, k, v)
-        elif self.window is None:  # sdpa (also flex training on CPU, which torch has no backward for)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+        if block_mask is not None:
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=block_mask, enable_gqa=True)
         else:
-            pos = torch.arange(T, device=x.device)
-            mask = causal_window_mask(pos, pos, self.window)  # (T, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+            if kv_cache is not None:
+                k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D), mask (B|1, 1, T, S) or None
+            elif self.window is not None:
+                pos = torch.arange(T, device=x.device)
+                mask = causal_window_mask(pos, pos, self.window)  # (T, T)
+            else:
+                mask = None  # plain causal attention over these T keys
+            if self.eager:
+                if mask is None:
+                    pos = torch.arange(T, device=x.device)
+                    mask = causal_window_mask(pos, pos, None)
+                y = eager_attention(q, k, v, mask, dropout_p)
+            else:
+                y = sdpa_attention(q, k, v, mask, dropout_p)
 
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
-
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """flex_attention with a (cached) block mask for causal or sliding-window attention."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        T = q.shape[2]
-        key = (T, q.device)
-        if key not in self._block_masks:
-            window = self.window
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                allowed = kv_idx <= q_idx
-                if window is not None:
-                    allowed = allowed & (kv_idx > q_idx - window)
-                return allowed
-
-            self._block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-        return _flex_attention(q.device.type)(q, k, v, block_mask=self._block_masks[key], enable_gqa=True)
 
 
 _FLEX_FUNCTIONS: dict[str, Any] = {}

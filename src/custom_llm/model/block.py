@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .mlp import SwiGLU
+from .moe import MoE, RouterStats
 from .norms import RMSNorm
 
 
@@ -29,9 +30,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.self_attn = Attention(config, layer_idx, window)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.is_moe = moe
         if moe:
-            from .moe import MoE
-
             self.mlp: nn.Module = MoE(config)
         else:
             self.mlp = SwiGLU(config.d_model, config.resolved_ffn_dim)
@@ -42,12 +42,14 @@ class Block(nn.Module):
         else:
             self.attn_scale = self.mlp_scale = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None,
+                block_mask: Any = None) -> tuple[torch.Tensor, Optional[RouterStats]]:
+        """(B, T, C) -> ((B, T, C), the MoE layer's router statistics, or None for a dense block)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, block_mask)
         x = x + self._residual(h, self.attn_scale)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + self._residual(h, self.mlp_scale)
+        out = self.mlp(self.post_attention_layernorm(x))
+        h, stats = out if self.is_moe else (out, None)
+        return x + self._residual(h, self.mlp_scale), stats
 
     def _residual(self, h: torch.Tensor, scale: Optional[nn.Parameter]) -> torch.Tensor:
         if self.dropout > 0 and self.training:

@@ -31,10 +31,10 @@ token-slots by expert once and runs every expert on its contiguous slice (one ho
 slice sizes); ``grouped_mm`` runs all experts in one grouped matrix multiply (no host sync; on CUDA
 in bf16 under autocast); ``gathered`` gathers each token's K experts' weights and applies them with
 batched products (static shapes, no sync; reads only the chosen experts, so it suits a few tokens:
-decoding, as in gpt-fast). ``auto`` is ``gathered`` for a few tokens in compiled code
-(``MoE._few_tokens``), else ``grouped_mm`` where this torch has a kernel for the device
-(``F.grouped_mm``, torch >= 2.10: CPU and CUDA; ``torch._grouped_mm``: CUDA; compiled code: bf16
-only), else ``sorted``.
+decoding, as in gpt-fast). ``auto`` (:func:`resolve_dispatch`, decided once per device, dtype and
+compile state) is ``gathered`` for compiled decoding (``MoE._decoding``), else ``grouped_mm`` where
+this torch has a kernel for the device (``F.grouped_mm``, torch >= 2.10: CPU and CUDA;
+``torch._grouped_mm``: CUDA; compiled code: bf16 only; widths multiples of 8), else ``sorted``.
 
 Legend: B batch, T time, C d_model, N tokens (B*T), E experts, K experts per token (top-k),
 S token-slots (N*K), F expert hidden width.
@@ -42,7 +42,8 @@ S token-slots (N*K), F expert hidden width.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,18 @@ from .mlp import SwiGLU
 
 
 GATHER_MAX_TOKENS_COMPILED = 64
+
+
+class RouterStats(NamedTuple):
+    """What one MoE layer's forward reports beside its output; it travels with that output.
+
+    ``aux_loss`` (load balancing) and ``z_loss`` (router z-loss) are 0-dim tensors before their
+    coefficients; ``expert_load`` (E,) is the detached fraction of token-slots each expert received.
+    """
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    expert_load: torch.Tensor
 
 
 def _grouped_mm_function() -> Optional[Callable]:
@@ -67,18 +80,35 @@ def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _has_grouped_mm_kernel(x: torch.Tensor) -> bool:
-    """F.grouped_mm (torch >= 2.10) runs eagerly on CPU and CUDA in any float dtype; the older
-    torch._grouped_mm only in bf16 on Hopper GPUs. Under torch.compile the op's shape function
-    accepts only bf16 (torch 2.13), so compiled fp32 code takes the sorted path."""
-    bf16 = _grouped_mm_dtype(x) == torch.bfloat16
-    if torch.compiler.is_compiling() and not bf16:
-        return False
+def grouped_mm_aligned(dim: int, hidden_dim: int) -> bool:
+    """grouped_mm needs 16-byte aligned strides: in bf16, widths that are multiples of 8."""
+    return dim % 8 == 0 and hidden_dim % 8 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_dispatch(requested: str, device_type: str, dtype: torch.dtype, compiling: bool, decoding: bool,
+                     aligned: bool) -> str:
+    """The dispatch path for one (setting, device, dtype, compile state) combination, decided once.
+
+    ``decoding``: a few tokens without gradients (see :meth:`MoE._decoding`). ``auto`` takes
+    ``gathered`` for compiled decoding (static shapes, no recompilation per routing; never in
+    training, where gathering every token's expert weights costs memory per token), else
+    ``grouped_mm`` where this torch has a kernel for the device, dtype and alignment (compiled code:
+    bf16 only, torch 2.13's shape function rejects fp32), else ``sorted``.
+    """
+    if requested != "auto":
+        return requested
+    if compiling and decoding:
+        return "gathered"
+    bf16 = dtype == torch.bfloat16
+    if not aligned or (compiling and not bf16):
+        return "sorted"
     if hasattr(F, "grouped_mm"):
-        return True
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
-        return False
-    return bf16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return "grouped_mm"
+    if device_type == "cuda" and hasattr(torch, "_grouped_mm") and bf16 \
+            and torch.cuda.get_device_capability()[0] >= 9:
+        return "grouped_mm"
+    return "sorted"
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -124,9 +154,12 @@ class Experts(nn.Module):
             out.index_add_(0, token, y)
         return out
 
+    @torch.compiler.disable  # data-dependent slice sizes: compiled, every routing would be a new graph
     def forward_sorted(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                        counts: torch.Tensor) -> torch.Tensor:
-        """Sort token-slots by expert; run each expert on its contiguous slice; add back weighted."""
+        """Sort token-slots by expert; run each expert on its contiguous slice; add back weighted.
+
+        Runs eagerly even inside compiled code (one graph break, no recompilation per routing)."""
         k = idx.shape[1]
         order = idx.reshape(-1).argsort(stable=True)  # (S,) slots grouped by expert
         token = order // k  # (S,) token of each sorted slot
@@ -167,11 +200,10 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture-of-experts feed-forward (B, T, C) -> (B, T, C); records its losses after each forward.
+    """Mixture-of-experts feed-forward: (B, T, C) -> ((B, T, C), :class:`RouterStats`).
 
-    After ``forward``: ``aux_loss`` (load balancing) and ``z_loss`` (router z-loss) are 0-dim tensors
-    before their coefficients, and ``expert_load`` (E,) is the detached fraction of token-slots each
-    expert received.
+    The router's losses and load are returned with the output (never kept on the module), so a
+    block that LayerDrop skips contributes nothing, and nothing outlives the step that made it.
     """
 
     def __init__(self, config: ModelConfig):
@@ -189,8 +221,7 @@ class MoE(nn.Module):
             from ..config import ConfigError
 
             raise ConfigError("moe_dispatch 'grouped_mm' needs torch >= 2.8 (torch._grouped_mm); use 'sorted'")
-        self.aux_loss = self.z_loss = torch.zeros(())
-        self.expert_load = torch.zeros(n_experts)
+        self.aligned = grouped_mm_aligned(dim, config.resolved_moe_ffn_dim)
         self.init_weights(config.init_std, config.init_std / (2 * config.n_layers) ** 0.5)
 
     @torch.no_grad()
@@ -228,25 +259,21 @@ class MoE(nn.Module):
         return logits, probs, weights, idx
 
     def _dispatch_path(self, x: torch.Tensor) -> Callable:
-        if self.dispatch == "eager":
-            return self.experts.forward_eager
-        if self.dispatch == "gathered" or (self.dispatch == "auto" and self._few_tokens(x.shape[0])):
-            return self.experts.forward_gathered
-        if self.dispatch == "grouped_mm" or (self.dispatch == "auto" and _has_grouped_mm_kernel(x)):
-            return self.experts.forward_grouped_mm
-        return self.experts.forward_sorted
+        path = resolve_dispatch(self.dispatch, x.device.type, _grouped_mm_dtype(x), torch.compiler.is_compiling(),
+                                self._decoding(x.shape[0]), self.aligned)
+        return getattr(self.experts, f"forward_{path}")
 
     @staticmethod
-    def _few_tokens(n_tokens: int) -> bool:
-        """Whether ``auto`` takes ``gathered``: in compiled code, for up to GATHER_MAX_TOKENS_COMPILED
-        tokens (a batch of decoding prompts), where the other paths' data-dependent shapes would cost
-        a recompilation per routing. Eagerly the sorted path is faster even for one token (measured:
-        12.1 against 15.5 ms per decoded token, 2-core CPU, d=384, 8 experts top-2): copying the
-        gathered weights costs more than the one host sync it saves."""
-        return torch.compiler.is_compiling() and n_tokens <= GATHER_MAX_TOKENS_COMPILED
+    def _decoding(n_tokens: int) -> bool:
+        """A few tokens without gradients (a batch of decoding prompts): where compiled ``auto`` takes
+        ``gathered``, up to GATHER_MAX_TOKENS_COMPILED tokens, since the other paths' data-dependent
+        shapes would cost a recompilation per routing. Eagerly the sorted path is faster even for one
+        token (measured: 12.1 against 15.5 ms per decoded token, 2-core CPU, d=384, 8 experts top-2):
+        copying the gathered weights costs more than the one host sync it saves."""
+        return n_tokens <= GATHER_MAX_TOKENS_COMPILED and not torch.is_grad_enabled()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C): weighted sum of each token's K experts, plus the shared experts."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        """(B, T, C) -> (weighted sum of each token's K experts plus the shared experts (B, T, C), stats)."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
         logits, probs, weights, idx = self.route(x)
@@ -258,7 +285,6 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        self.aux_loss = load_balancing_loss(probs, counts)
-        self.z_loss = router_z_loss(logits)
-        self.expert_load = (counts.float() / idx.numel()).detach()
-        return out.view(B, T, C)
+        stats = RouterStats(aux_loss=load_balancing_loss(probs, counts), z_loss=router_z_loss(logits),
+                            expert_load=(counts.float() / idx.numel()).detach())
+        return out.view(B, T, C), stats

@@ -1,7 +1,7 @@
 """The decoder-only transformer: embedding, a stack of blocks, final norm, LM head.
 
 ``model(input_ids)`` returns logits; losses come from :meth:`Transformer.compute_loss`, which adds
-the mixture-of-experts auxiliary losses that the MoE layers record during the forward pass.
+the mixture-of-experts auxiliary losses that the MoE layers return with their outputs.
 
 Legend: B batch, T time, C d_model, V vocab.
 """
@@ -9,6 +9,7 @@ Legend: B batch, T time, C d_model, V vocab.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,8 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from .attention import build_block_mask
 from .block import Block
 from .loss import fused_lm_loss, reference_lm_loss
+from .moe import RouterStats
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -35,6 +38,8 @@ class LossOutput:
     """Load-balancing loss summed over MoE layers (0 for a dense model), before its coefficient."""
     z_loss: torch.Tensor
     """Router z-loss summed over MoE layers (0 for a dense model), before its coefficient."""
+    expert_load: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Per MoE layer that ran (layer index -> (E,)), the detached fraction of token-slots each expert got."""
 
 
 class Transformer(nn.Module):
@@ -112,20 +117,40 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None,
                       kv_cache: Any = None) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, C), the LM head's input."""
+        return self._trunk(input_ids, positions, kv_cache)[0]
+
+    def _trunk(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+               kv_cache: Any = None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
+        """input_ids (B, T) -> (final-normed hidden states (B, T, C), router stats of each MoE layer that ran)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(positions)  # (T, D) or (B, T, D), shared by every layer
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        block_masks = self._block_masks(T, input_ids.device, kv_cache)
+        stats: dict[int, RouterStats] = {}
         drop = self._layerdrop_decisions()
         for i, block in enumerate(self.layers):
             if drop[i]:
                 continue
+            mask = block_masks.get(self.layer_windows[i]) if block_masks else None
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, kv_cache, use_reentrant=False)
+                x, layer_stats = checkpoint(block, x, cos, sin, kv_cache, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_cache)
-        return self.norm(x)
+                x, layer_stats = block(x, cos, sin, kv_cache, mask)
+            if layer_stats is not None:
+                stats[i] = layer_stats
+        return self.norm(x), stats
+
+    def _block_masks(self, length: int, device: torch.device, kv_cache: Any) -> Optional[dict]:
+        """Flex attention's block masks for this forward, one per distinct window, built here, outside
+        the (possibly compiled) blocks. None where flex does not run: other backends, generation with
+        a KV cache, and CPU training (torch has no flex backward on the CPU; SDPA takes the same mask)."""
+        if self.config.attn_backend != "flex" or kv_cache is not None:
+            return None
+        if device.type == "cpu" and torch.is_grad_enabled() and self.training:
+            return None
+        return {window: build_block_mask(window, length, device) for window in set(self.layer_windows)}
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile every block in place (identical blocks share one compiled graph).
@@ -155,23 +180,14 @@ class Transformer(nn.Module):
         ``fused`` computes the LM head and cross-entropy chunk by chunk without materialising the
         logits (see loss.py); ``fused=False`` is the plain reference, with the same value and gradients.
         """
-        hidden = self.hidden_states(input_ids).flatten(0, 1)  # (B*T, C)
+        hidden, stats = self._trunk(input_ids)
         loss_fn = fused_lm_loss if fused else reference_lm_loss
-        lm_loss = loss_fn(hidden, self.lm_head.weight, targets.reshape(-1), ignore_index=ignore_index)
-        aux_loss, z_loss = self.moe_losses(lm_loss)
+        lm_loss = loss_fn(hidden.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), ignore_index=ignore_index)
+        aux_loss = sum((s.aux_loss for s in stats.values()), lm_loss.new_zeros(()))
+        z_loss = sum((s.z_loss for s in stats.values()), lm_loss.new_zeros(()))
         loss = lm_loss + self.config.moe_aux_loss_coef * aux_loss + self.config.moe_z_loss_coef * z_loss
-        return LossOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
-
-    def moe_losses(self, like: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(load-balancing loss, z-loss) summed over the MoE layers of the last forward pass."""
-        zero = torch.zeros((), device=self.embed_tokens.weight.device) if like is None else like.new_zeros(())
-        aux, z = zero, zero
-        for block in self.layers:
-            aux_loss = getattr(block.mlp, "aux_loss", None)
-            if aux_loss is not None:
-                aux = aux + aux_loss
-                z = z + block.mlp.z_loss
-        return aux, z
+        return LossOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
+                          expert_load={i: s.expert_load for i, s in stats.items()})
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: ``total``, ``non_embedding`` (without embedding / LM head) and ``active``
@@ -188,5 +204,19 @@ class Transformer(nn.Module):
         return {"total": total, "non_embedding": total - embedding, "active": int(round(total - inactive))}
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * active parameters + 12 * layers * d_model * T (PaLM appendix B)."""
-        return 6 * self.num_params()["active"] + 12 * self.config.n_layers * self.config.d_model * seq_len
+        """Training (forward + backward) matmul FLOPs per token at sequence length T: the MFU numerator.
+
+        6 x the weight-matrix parameters a token passes through (every linear layer, LM head included
+        even when tied; routed experts at top_k / n_experts; not the embedding lookup, norms or biases,
+        which are no matrix multiplies) + 12 x n_heads x head_dim x T_eff per layer for the scores and
+        the weighted values, T_eff = min(T, the layer's window) (PaLM, Chowdhery et al. 2022, appendix
+        B, with the window cap). As in PaLM, a causal layer counts all T keys, not the half it needs.
+        """
+        cfg = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for module in self.modules():
+            routed = getattr(module, "routed_expert_params", None)
+            if routed is not None:
+                matmul_params += routed() * cfg.moe_top_k / cfg.n_experts
+        keys = [seq_len if window is None else min(seq_len, window) for window in self.layer_windows]
+        return float(6 * matmul_params + 12 * cfg.n_heads * cfg.resolved_head_dim * sum(keys))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..checkpoint_io import read_json
+from ..checkpoint_io import parameter_shapes, read_json
 from ..config import ModelConfig
 from ..errors import UserError
 from ..fsutil import check_writable_dir
@@ -80,12 +80,7 @@ def check_same_parameters(base: ModelConfig, changed: ModelConfig, source: str) 
     Weights come from ``source`` (--init or --resume), so only fields that keep every parameter's
     name and shape (dropout, layerdrop, attention backend, window, RoPE theta, ...) may change.
     """
-    with torch.device("meta"):
-        from ..model import Transformer
-
-        shapes = {name: tuple(t.shape) for name, t in Transformer(base).state_dict().items()}
-        new_shapes = {name: tuple(t.shape) for name, t in Transformer(changed).state_dict().items()}
-    if shapes != new_shapes:
+    if parameter_shapes(base) != parameter_shapes(changed):
         fields = [f.name for f in dataclasses.fields(ModelConfig) if getattr(base, f.name) != getattr(changed, f.name)]
         raise UserError(f"{source}: model fields {', '.join(fields)} would change the parameters the weights "
                         f"come from; only fields that keep them (e.g. dropout, layerdrop) can be overridden")
