@@ -19,6 +19,10 @@ A forward pass does not talk to this class directly: it gets a *view* for one st
 once per forward, not once per layer. Every query row keeps at least its own key (padding queries
 included), so no softmax row is empty (an empty row is NaN in SDPA).
 
+Continuous batching (:mod:`.batch`) uses :class:`SlotKVCache`: each row (a *slot*) holds its own
+sequence at its own time, is prefilled alone through :meth:`SlotKVCache.rows`, and is decoded together
+with the other rows by a view that takes one time per row.
+
 Legend: B batch, K kv heads, T new tokens, S cached key slots, D head dim, W window.
 """
 
@@ -170,6 +174,67 @@ class DecodeView:
             return k_buf, v_buf, self.full_mask
         k_buf.index_copy_(2, self.ring_index[window], k)
         v_buf.index_copy_(2, self.ring_index[window], v)
+        return k_buf, v_buf, self.window_masks[window]
+
+
+class SlotKVCache(KVCache):
+    """A :class:`KVCache` whose rows are independent sequences (slots) at their own times.
+
+    ``rows(b, b + 1)`` is a cache over one slot that shares these buffers (prefill it with the usual
+    :func:`~custom_llm.generation.generate.prefill`); :meth:`decode_view` takes a time per row (B,), so one
+    forward decodes every slot, each at its own position. Freeing a slot needs no clearing: a new
+    sequence overwrites the times it uses, and keys of older times are never visible to it.
+    """
+
+    def rows(self, start: int, stop: int) -> "SlotKVCache":
+        """A cache over rows start .. stop - 1, sharing this one's buffers (writes go through)."""
+        if start == 0 and stop == self.batch_size:
+            return self
+        view = object.__new__(SlotKVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = stop - start
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.pad = self.pad[start:stop]
+        return view
+
+    def decode_view(self, time: torch.Tensor, read_len: Optional[int] = None) -> "SlotDecodeView":
+        """A view for a one-token forward of every row, row b at ``time[b]`` ((B,) long tensor)."""
+        return SlotDecodeView(self, time, read_len)
+
+
+class SlotDecodeView:
+    """Cache protocol for a one-token forward in which each row has its own time (B,)."""
+
+    def __init__(self, cache: KVCache, time: torch.Tensor, read_len: Optional[int]):
+        self.cache = cache
+        self.read_len = read_len
+        B = cache.batch_size
+        self.rows = torch.arange(B, device=time.device)  # (B,)
+        self.time = time.view(B)  # (B,)
+        t, pad = self.time.view(B, 1), cache.pad.view(B, 1)  # (B, 1)
+        if cache.has_full:
+            full_k = cache.full_slots if read_len is None else cache.full_slots[:read_len]
+            self.full_mask = ((full_k <= t) & (full_k >= pad)).view(B, 1, 1, -1)  # (B, 1, 1, S)
+        self.window_masks = {}
+        self.ring_index = {}
+        for w in cache.windows:
+            ring_k = ring_slot_times(cache.ring_slots[w], t, w)  # (B, W) times held after this step's write
+            self.window_masks[w] = (ring_k >= pad).view(B, 1, 1, w)  # (B, 1, 1, W)
+            self.ring_index[w] = torch.remainder(self.time, w)  # (B,)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Write row b's k, v (B, K, 1, D) at its own slot; return the layer's buffers and the mask."""
+        cache = self.cache
+        window = cache.layer_windows[layer_idx]
+        k_buf, v_buf = cache.keys[layer_idx], cache.values[layer_idx]
+        index = self.time if window is None else self.ring_index[window]  # (B,)
+        k_buf[self.rows, :, index] = k[:, :, 0]  # (B, K, D) into slot index[b] of row b
+        v_buf[self.rows, :, index] = v[:, :, 0]
+        if window is None:
+            if self.read_len is not None:
+                return k_buf[:, :, :self.read_len], v_buf[:, :, :self.read_len], self.full_mask
+            return k_buf, v_buf, self.full_mask
         return k_buf, v_buf, self.window_masks[window]
 
 

@@ -11,6 +11,9 @@ host (no ``.item()``), so it can sit inside a fast decode loop.
 * Top-p, nucleus (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
   probabilities sum to at least p.
 * Min-p (Nguyen et al. 2024): keep tokens whose probability is at least min_p times the largest.
+* Presence and frequency penalties (OpenAI's definitions): a token generated c > 0 times so far has
+  ``c * frequency_penalty + presence_penalty`` subtracted from its logit. They count generated tokens
+  only (not the prompt), and run right after the repetition penalty.
 
 Legend: B batch, V vocabulary.
 """
@@ -39,6 +42,10 @@ class SamplingParams:
     """Drop tokens less likely than min_p times the most likely one; 0 turns it off."""
     repetition_penalty: float = 1.0
     """CTRL repetition penalty on tokens already in the context; 1 turns it off."""
+    presence_penalty: float = 0.0
+    """OpenAI presence penalty, in [-2, 2]: subtracted once from the logit of every token generated so far."""
+    frequency_penalty: float = 0.0
+    """OpenAI frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it was generated."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +55,10 @@ class SamplingParams:
             (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1] (got {self.min_p})"),
             (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})"),
+            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -56,6 +67,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """True when the presence or frequency penalty needs counts of the generated tokens."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def _finite(x) -> bool:
@@ -66,6 +82,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL rule on tokens with ``seen`` (B, V) True: positive logits / penalty, negative * penalty."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's rule: logit - count * frequency - (count > 0) * presence, ``counts`` (B, V) of generated tokens."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,11 +119,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """All enabled processors in Hugging Face order; greedy stops after the repetition penalty."""
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """All enabled processors in Hugging Face order; greedy stops after the penalties.
+
+    ``seen`` (B, V) bool: tokens in the context (repetition penalty); ``counts`` (B, V) float: how often
+    each token was generated (presence and frequency penalties).
+    """
     logits = logits.float()
     if params.repetition_penalty != 1 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.counts_tokens and counts is not None:
+        logits = apply_presence_frequency_penalty(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return logits
     logits = logits / params.temperature
@@ -122,9 +151,20 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V): processors, then argmax (greedy) or a random draw."""
-    logits = process_logits(logits, params, seen)
+    logits = process_logits(logits, params, seen, counts)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     return sample_from_logits(logits, generator)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
+    """Log-probabilities under the model's raw distribution (before any processor), as OpenAI reports them.
+
+    logits (B, V), tokens (B,) -> (chosen (B,), top values (B, n), top ids (B, n)) with n = ``top_n``.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)  # (B,)
+    top = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1)
+    return chosen, top.values, top.indices
