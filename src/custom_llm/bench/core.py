@@ -17,8 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-# Published dense bf16 peak used for MFU (NVIDIA H100 SXM data sheet, without sparsity).
-H100_SXM_BF16_PEAK_FLOPS = 989e12
+from ..training.distributed import H100_SXM_BF16_PEAK_FLOPS  # the one peak table (training/distributed.py)
 
 
 @dataclass
@@ -113,7 +112,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float = H100_SXM_BF16_PEAK_FLOPS) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (see ``device_peak_flops``)."""
     return tokens_per_s * flops_per_token / peak_flops
 
 

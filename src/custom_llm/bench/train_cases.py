@@ -3,8 +3,9 @@
 ``train_dense`` and ``train_moe`` time one full step (forward, backward, AdamW) of our model and of
 its Hugging Face twin (``LlamaForCausalLM`` / ``MixtralForCausalLM`` with the same weights), on the same
 batch, alternately. On CUDA both run under bf16 autocast; ours has its blocks compiled, the reference
-runs eager (``--ref-compile`` compiles it too). MFU = tokens/s x FLOPs/token over the H100 SXM dense
-bf16 peak, FLOPs/token = 6 x active parameters + 12 x layers x d_model x T (``flops_per_token``).
+runs eager (``--ref-compile`` compiles it too). MFU = tokens/s x FLOPs/token over the dense bf16 peak
+of the GPU measured on (``device_peak_flops``; none for an unlisted card), FLOPs/token = matmul FLOPs
+only (``Transformer.flops_per_token``: 6 x active weight-matrix parameters + the attention products).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import torch
 
 from .context import (Context, adamw, autocast, build_model, dtype_name, hf_loss, ours_loss,
                       random_batch, train_step)
-from .core import H100_SXM_BF16_PEAK_FLOPS, Result, median, mfu, paired_ratio, peak_memory_bytes, time_alternating
+from ..training.distributed import device_peak_flops
+from .core import Result, median, mfu, paired_ratio, peak_memory_bytes, time_alternating
 from .hf_reference import experts_implementation, hf_twin, transformers_version
-
-MFU_PEAK_NOTE = "H100 SXM dense bf16, 989 TFLOP/s"
 
 
 def train_dense(ctx: Context) -> Result:
@@ -57,9 +57,10 @@ def _train_case(name: str, fields: dict, ctx: Context) -> Result:
               "paired_ratio": paired_ratio(times), "higher_is_better": True}
     if device.type == "cuda":
         flops = model.flops_per_token(s.seq_len)
-        config.update(flops_per_token=flops, mfu=mfu(ours, flops), ref_mfu=mfu(ref, flops) if ref else None,
-                      mfu_peak=MFU_PEAK_NOTE, mfu_peak_flops=H100_SXM_BF16_PEAK_FLOPS,
-                      gpu=torch.cuda.get_device_name(device))
+        peak, peak_note = device_peak_flops(torch.cuda.get_device_name(device))
+        config.update(flops_per_token=flops, mfu=mfu(ours, flops, peak) if peak else None,
+                      ref_mfu=mfu(ref, flops, peak) if ref and peak else None,
+                      mfu_peak=peak_note, mfu_peak_flops=peak, gpu=torch.cuda.get_device_name(device))
     return Result(name, ours, ref, "tokens/s", device.type, config)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -20,8 +21,41 @@ from ..errors import UserError
 
 log = logging.getLogger("custom_llm.training")
 
-# Published dense peak throughput (FLOP/s) per chip for bf16/fp16 tensor cores, used for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+H100_SXM_BF16_PEAK_FLOPS = 989e12
+"""NVIDIA H100 SXM, dense bf16 tensor cores (1979 TFLOP/s is with 2:4 sparsity); also the bench's reference."""
+
+# Published dense (no sparsity) bf16 tensor-core peaks per GPU, FP32 accumulation, used for MFU: NVIDIA's
+# data sheets (data-centre cards) and Ada / Ampere architecture white papers (GeForce, whose FP32-accumulate
+# rate is half the FP16-accumulate one). Each row: (label, full-match pattern for the name
+# torch.cuda.get_device_name reports without its "NVIDIA " prefix, FLOP/s). Full matches keep form
+# factors apart: "H100 PCIe" can never take the SXM number, nor "RTX 3090 Ti" the 3090's; a bare "H100"
+# (form factor unknown) and unlisted cards get no peak rather than a guess.
+PEAK_FLOPS: tuple[tuple[str, str, float], ...] = (
+    ("H100 SXM", r"H100 (SXM5? )?\d+GB HBM3e?|H100 SXM5?( \d+GB)?", H100_SXM_BF16_PEAK_FLOPS),
+    ("H100 PCIe", r"H100 (\d+GB )?PCIe", 756e12),
+    ("H100 NVL", r"H100 NVL", 835e12),
+    ("H200 SXM", r"H200( SXM)?( \d+GB HBM3e)?", 989e12),
+    ("H200 NVL", r"H200 NVL", 835e12),
+    ("GH200", r"GH200( \d+GB)?", 989e12),
+    ("B200", r"B200", 2250e12),
+    ("A100", r"A100([- ].*)?", 312e12),  # SXM4 and PCIe, 40 and 80 GB: one peak
+    ("L40S", r"L40S", 362e12),
+    ("L40", r"L40", 181e12),
+    ("L4", r"L4", 121e12),
+    ("A10", r"A10", 125e12),
+    ("RTX A6000", r"RTX A6000", 154.8e12),
+    ("GeForce RTX 4090", r"GeForce RTX 4090", 165.2e12),
+    ("GeForce RTX 3090", r"GeForce RTX 3090", 71e12),
+)
+
+
+def device_peak_flops(device_name: str) -> tuple[Optional[float], str]:
+    """(dense bf16 peak FLOP/s, "label (name): N TFLOP/s ...") for a CUDA device name; (None, reason) if unlisted."""
+    name = re.sub(r"^NVIDIA ", "", device_name.strip())
+    for label, pattern, value in PEAK_FLOPS:
+        if re.fullmatch(pattern, name):
+            return value, f"{label} ({device_name}): {value / 1e12:.0f} TFLOP/s dense bf16"
+    return None, f"no published peak listed for {device_name!r} (training/distributed.py PEAK_FLOPS)"
 
 
 @dataclass
@@ -111,12 +145,10 @@ def peak_flops(runtime: Runtime) -> tuple[Optional[float], str]:
     """(peak FLOP/s of one device, its description), or (None, reason) when unknown."""
     if runtime.device.type != "cuda":
         return None, "no published peak for CPUs"
-    name = torch.cuda.get_device_name(runtime.device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            kind = "bf16/fp16 dense" if runtime.precision != "fp32" else "bf16 dense (fp32 run: MFU understated)"
-            return value, f"{name}: {value / 1e12:.0f} TFLOP/s {kind}"
-    return None, f"peak of {name} unknown"
+    value, description = device_peak_flops(torch.cuda.get_device_name(runtime.device))
+    if value is not None and runtime.precision == "fp32":
+        description += " (fp32 run: MFU understated)"
+    return value, description
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
