@@ -9,6 +9,13 @@ file is recognised and turned back into our character format, so a round trip is
 One difference remains by design: ours treats the text "<|eos|>" inside a document as plain text,
 while a Hugging Face tokenizer maps it to the special token (pass ``split_special_tokens=True`` there
 to get our behaviour).
+
+Chat: ``tokenizer_config.json`` carries the chat template and every special token in
+``added_tokens_decoder``, so ``AutoTokenizer.apply_chat_template(messages, tokenize=True)`` gives our
+ids; when the tokenizer has end-of-turn tokens, ``generation_config.json``'s ``eos_token_id`` becomes
+the list of stop ids so that ``model.generate`` stops where ``custom-llm chat`` does. Import copies a
+folder's ``chat_template.jinja`` and ``generation_config.json`` beside its tokenizer files, so an
+imported model keeps its own template and end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from typing import Optional
 
 from ..checkpoint_io import write_json
 from ..errors import UserError
-from ..tokenizers import SPECIAL_TOKENS, CharTokenizer, Tokenizer
+from ..tokenizers import CHAT_TOKENS, SPECIAL_TOKENS, CharTokenizer, Tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 _ROLE_TOKENS = dict(zip(("bos", "eos", "pad", "unk"), SPECIAL_TOKENS))
 
 
@@ -32,11 +40,12 @@ def char_to_hf_json(tokenizer: CharTokenizer) -> str:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    itos = list(SPECIAL_TOKENS) + tokenizer.chars
+    chat = [tok for tok in CHAT_TOKENS if tok in tokenizer.special_tokens()]
+    itos = list(SPECIAL_TOKENS) + tokenizer.chars + chat
     hf = HFTokenizer(models.WordLevel({tok: i for i, tok in enumerate(itos)}, unk_token=_ROLE_TOKENS["unk"]))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per character
     hf.decoder = decoders.Fuse()  # join pieces as they are (no spaces between them)
-    hf.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in SPECIAL_TOKENS])
+    hf.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in list(SPECIAL_TOKENS) + chat])
     return hf.to_str(pretty=True)
 
 
@@ -50,9 +59,12 @@ def hf_json_to_char(data: dict) -> Optional[CharTokenizer]:
     if [vocab[t] for t in itos] != list(range(len(itos))) or itos[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
         return None
     chars = itos[len(SPECIAL_TOKENS):]
+    chat = chars[-len(CHAT_TOKENS):] == list(CHAT_TOKENS)
+    if chat:
+        chars = chars[:-len(CHAT_TOKENS)]
     if any(len(c) != 1 for c in chars):
         return None
-    return CharTokenizer(chars)
+    return CharTokenizer(chars, chat_tokens=chat)
 
 
 def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
@@ -62,6 +74,11 @@ def tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
     for role, token_id in tokenizer.special_ids().items():
         if token_id >= 0:
             config[f"{role}_token"] = tokenizer.decode([token_id], skip_special_tokens=False)
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    config["added_tokens_decoder"] = {str(i): {"content": text, **flags}
+                                      for text, i in sorted(tokenizer.special_tokens().items(), key=lambda kv: kv[1])}
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
     return config
 
 
@@ -74,6 +91,11 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> No
     write_json(out_dir / "tokenizer_config.json", config)
     write_json(out_dir / "special_tokens_map.json",
                {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)})
+    generation = out_dir / "generation_config.json"
+    if tokenizer.end_of_turn_ids and generation.is_file():  # stop HF generate at the end of a turn too
+        settings = json.loads(generation.read_text(encoding="utf-8"))
+        settings["eos_token_id"] = sorted(tokenizer.stop_ids)
+        write_json(generation, settings)
 
 
 def import_tokenizer(hf_dir: Path, out_dir: Path) -> bool:

@@ -16,6 +16,7 @@ from ..errors import UserError
 from .base import (BOS, EOS, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, UNK, IncrementalDecoder, Tokenizer,
                    find_tokenizer_file, read_tokenizer_json)
 from .char import CharTokenizer
+from .chat_template import CHAT_TOKENS, CHATML_TEMPLATE, IM_END, IM_START, PLAIN_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if data.get("type") == "char":
         return CharTokenizer.from_json(data, file)
     from .bpe import BPETokenizer
+    from .hf_roles import hf_chat_template, hf_end_of_turn_ids
 
-    return BPETokenizer.from_file(file, _special_roles(data, file.parent))
+    folder = file.parent
+    return BPETokenizer.from_file(file, _special_roles(data, folder), hf_chat_template(folder),
+                                  hf_end_of_turn_ids(folder))
 
 
 def _special_roles(data: dict, folder: Path) -> Optional[dict]:
@@ -74,7 +78,8 @@ def _special_roles(data: dict, folder: Path) -> Optional[dict]:
     return hf_special_roles(added, folder)
 
 
-__all__ = ["BOS", "EOS", "PAD", "UNK", "SPECIAL_TOKENS", "TOKENIZER_FILE", "BPETokenizer", "CharTokenizer",
+__all__ = ["BOS", "EOS", "PAD", "UNK", "SPECIAL_TOKENS", "CHAT_TOKENS", "CHATML_TEMPLATE", "IM_END", "IM_START",
+           "PLAIN_TEMPLATE", "TOKENIZER_FILE", "BPETokenizer", "CharTokenizer",
            "IncrementalDecoder", "Tokenizer", "bpe_available", "load_tokenizer", "resolve_kind",
            "train_tokenizer"]
 

@@ -3,7 +3,11 @@
 A tokenizer maps text to token ids and back. Both kinds register the same four special tokens, at ids
 0-3 when they are trained here. Encoding treats the special tokens' text ("<|eos|>" in a corpus) as
 ordinary text, so ``decode(encode(s)) == s`` for every Python string; special ids are inserted by the
-data pipeline (EOS between documents), never by ``encode``.
+data pipeline (EOS between documents) and by the chat template, never by ``encode``.
+
+Chat: ``apply_chat_template(messages)`` renders a conversation with the tokenizer's Jinja template
+(ChatML when it has the ``<|im_start|>``/``<|im_end|>`` tokens, an imported folder's own template, else
+the plain fallback of ``chat_template.py``) and returns ids; ``stop_ids`` are the ids that end an answer.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..fsutil import atomic_write
+from .chat_template import PLAIN_TEMPLATE, RenderedChat, check_messages, render
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
@@ -132,6 +137,77 @@ class Tokenizer(ABC):
     def special_ids(self) -> dict:
         """The special token ids by role."""
         return {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
+
+    @abstractmethod
+    def special_tokens(self) -> Dict[str, int]:
+        """Every special token's text -> id (the ids ``decode`` skips; only templates produce them)."""
+
+    @abstractmethod
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[int]]:
+        """``encode(text)`` and the character offset at which each token starts."""
+
+    @abstractmethod
+    def with_chat_tokens(self) -> "Tokenizer":
+        """This tokenizer with ``<|im_start|>``/``<|im_end|>`` appended when missing (new ids at the end)."""
+
+    # ----------------------------------------------------------------------------------------- chat
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The tokenizer's own Jinja chat template (None: :data:`PLAIN_TEMPLATE` is used instead)."""
+        return getattr(self, "_chat_template", None)
+
+    @property
+    def end_of_turn_ids(self) -> Set[int]:
+        """Ids that close an assistant turn besides end-of-sequence (ChatML's ``<|im_end|>``)."""
+        return set(getattr(self, "_end_of_turn_ids", ()))
+
+    @property
+    def stop_ids(self) -> Set[int]:
+        """End-of-sequence and end-of-turn ids: generation of an answer stops at any of them."""
+        return ({self.eos_id} if self.eos_id >= 0 else set()) | self.end_of_turn_ids
+
+    def template_variables(self) -> dict:
+        """The variables a template sees besides ``messages`` (``bos_token``, ``eos_token``, ...)."""
+        out = {}
+        for role, token_id in self.special_ids().items():
+            if token_id >= 0:
+                out[f"{role}_token"] = self.decode([token_id], skip_special_tokens=False)
+        return out
+
+    def render_chat_parts(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> RenderedChat:
+        """The rendered conversation with its generation spans and template-made special tokens."""
+        problem = check_messages(messages)
+        if problem is not None:
+            raise ValueError(f"invalid chat messages: {problem}")
+        return render(self.chat_template or PLAIN_TEMPLATE, messages, list(self.special_tokens()),
+                      add_generation_prompt, **self.template_variables())
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as text (for display: ``encode`` of it would not give the special ids)."""
+        return self.render_chat_parts(messages, add_generation_prompt).text
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of the rendered conversation; special ids come only from the template."""
+        return self.chat_ids_and_mask(messages, add_generation_prompt)[0]
+
+    def chat_ids_and_mask(self, messages: Sequence[dict],
+                          add_generation_prompt: bool = False) -> Tuple[List[int], List[bool]]:
+        """Ids of the conversation and, per token, whether it starts inside a ``{% generation %}`` block."""
+        rendered = self.render_chat_parts(messages, add_generation_prompt)
+        specials = self.special_tokens()
+        ids: List[int] = []
+        mask: List[bool] = []
+        position = 0
+        for offset, token in rendered.special_tokens + [(len(rendered.text), None)]:
+            if offset > position:  # ordinary text between two template-made special tokens
+                piece_ids, starts = self.encode_with_offsets(rendered.text[position:offset])
+                ids += piece_ids
+                mask += [rendered.in_generation(position + start) for start in starts]
+            if token is not None:
+                ids.append(specials[token])
+                mask.append(rendered.in_generation(offset))
+                position = offset + len(token)
+        return ids, mask
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"

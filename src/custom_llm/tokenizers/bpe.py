@@ -6,6 +6,11 @@ line without spaces is one pre-token otherwise, and merging it is superlinear) a
 ByteLevel decoder concatenates token bytes, so any text round-trips exactly. The saved ``tokenizer.json``
 is a standard file that ``tokenizers.Tokenizer.from_file`` and ``transformers.PreTrainedTokenizerFast``
 load as is.
+
+Trained here, ids 0-3 are ``<|bos|> <|eos|> <|pad|> <|unk|>`` and ids 4-5 the ChatML tokens
+``<|im_start|> <|im_end|>`` (free: the vocabulary is rounded up anyway), so every BPE model trained here
+can be fine-tuned into a chat model without growing its embeddings. A file from elsewhere keeps its own
+tokens, template and end-of-turn tokens (``chat_template`` and ``end_of_turn`` passed in by the loader).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from typing import Iterable, List, Optional, Sequence
 from ..errors import UserError
 from .base import (BOS, EOS, PAD, SPECIAL_TOKENS, UNK, IncrementalDecoder, PrefixIncrementalDecoder, Tokenizer,
                    optional_int, round_up)
+from .chat_template import CHAT_TOKENS, CHATML_TEMPLATE, IM_END
+
+# Special tokens that close a turn in common chat formats (ChatML, Llama 3, Phi-3, Gemma).
+END_OF_TURN_NAMES = (IM_END, "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +64,25 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer, special_tokens: Optional[dict] = None):
+    def __init__(self, hf_tokenizer, special_tokens: Optional[dict] = None, chat_template: Optional[str] = None,
+                 end_of_turn_ids: Iterable[int] = ()):
         self.hf = hf_tokenizer
         if hasattr(self.hf, "encode_special_tokens"):
             self.hf.encode_special_tokens = True  # "<|eos|>" inside a text is text, not a special id
         roles = special_tokens or {"bos": BOS, "eos": EOS, "pad": PAD, "unk": UNK}
+        self._roles = dict(roles)
         ids = {role: self.hf.token_to_id(tok) if tok else None for role, tok in roles.items()}
         self.bos_id, self.eos_id = optional_int(ids.get("bos")), optional_int(ids.get("eos"))
         self.pad_id, self.unk_id = optional_int(ids.get("pad")), optional_int(ids.get("unk"))
         self._vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-        self._special = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        self._special_ids = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self._special = set(self._special_ids)
+        has_chatml = all(t in self._special_ids for t in CHAT_TOKENS)
+        self._own_template = chat_template
+        self._chat_template = chat_template or (CHATML_TEMPLATE if has_chatml else None)
+        self._extra_end_of_turn = tuple(int(i) for i in end_of_turn_ids)
+        named = (self._special_ids[t] for t in END_OF_TURN_NAMES if t in self._special_ids)
+        self._end_of_turn_ids = tuple(sorted(set(named) | set(self._extra_end_of_turn)))
         self._byte_level = (json.loads(self.hf.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
         self._bytes_cache: Optional[List[bytes]] = None
         # Our pipeline never merges across "\n" + printable ASCII, so long texts may be cut there.
@@ -77,7 +95,7 @@ class BPETokenizer(Tokenizer):
         tk = _import_hf()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        minimum = 256 + len(SPECIAL_TOKENS)
+        minimum = 256 + len(SPECIAL_TOKENS) + len(CHAT_TOKENS)
         if vocab_size < minimum:
             raise UserError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least {minimum})")
         if round_to and vocab_size % round_to:
@@ -91,20 +109,37 @@ class BPETokenizer(Tokenizer):
         ])
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                      special_tokens=list(SPECIAL_TOKENS),
+                                      special_tokens=list(SPECIAL_TOKENS) + list(CHAT_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator(texts, trainer, length=length)
         return cls(hf)
 
     @classmethod
-    def from_file(cls, path: Path, special_tokens: Optional[dict] = None) -> "BPETokenizer":
+    def from_file(cls, path: Path, special_tokens: Optional[dict] = None, chat_template: Optional[str] = None,
+                  end_of_turn_ids: Iterable[int] = ()) -> "BPETokenizer":
         """Load an HF ``tokenizer.json``."""
         tk = _import_hf()
         try:
             hf = tk.Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on malformed files
             raise UserError(f"{path}: not a valid tokenizers file ({exc})") from None
-        return cls(hf, special_tokens)
+        return cls(hf, special_tokens, chat_template, end_of_turn_ids)
+
+    def special_tokens(self) -> dict:
+        return dict(self._special_ids)
+
+    def encode_with_offsets(self, text: str) -> tuple:
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
+
+    def with_chat_tokens(self) -> "BPETokenizer":
+        missing = [t for t in CHAT_TOKENS if t not in self._special_ids]
+        if not missing:
+            return self
+        tk = _import_hf()
+        hf = tk.Tokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in missing])
+        return BPETokenizer(hf, self._roles, self._own_template, self._extra_end_of_turn)
 
     @property
     def vocab_size(self) -> int:
