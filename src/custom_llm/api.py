@@ -28,7 +28,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         from .interop.hf import load_hf_model
 
         return load_hf_model(path, device=device, dtype=dtype)
-    return load_checkpoint_model(resolve_checkpoint_dir(path), device=device, dtype=dtype)
+    directory = resolve_checkpoint_dir(path)
+    from .generation.quant_io import load_quantized, quantization_of  # int8/int4 checkpoints (custom-llm quantize)
+
+    if quantization_of(directory):
+        return load_quantized(directory, device=device, dtype=dtype)
+    return load_checkpoint_model(directory, device=device, dtype=dtype)
 
 
 def load_tokenizer(path: str | Path):

@@ -46,6 +46,10 @@ def register(sub) -> None:
                            help="do not compile the decode step (compiled with CUDA graphs by default on CUDA)")
     compiling.add_argument("--compile", dest="compile", action="store_true",
                            help="compile the decode step on the CPU too (inductor; the first tokens take a minute)")
+    gen.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                     help="quantize the weights on load (weight-only; see custom-llm quantize)")
+    gen.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
+                     help="int4 group size for --quantize (default 32)")
     gen.set_defaults(func=run_generate)
 
     ev = sub.add_parser("eval", help="evaluate loss, perplexity and bits per byte",
@@ -102,6 +106,10 @@ def run_generate(args) -> int:
         raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     prompt_text = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     model, tokenizer, start = _load(args)
+    if args.quantize:
+        from ..generation.quant import quantize_model
+
+        quantize_model(model, args.quantize, args.group_size)
     engine = Engine(model, compile=args.compile)
     interactive = prompt_text is None
     for text in _prompts(prompt_text):
