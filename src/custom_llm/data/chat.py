@@ -1,0 +1,344 @@
+"""Conversations for supervised fine-tuning: reading, validation, loss masks, packing, batches.
+
+Sources: a JSONL file with one ``{"messages": [{"role", "content"}, ...]}`` object per line (OpenAI's
+format; roles system / user / assistant), an ``hf:NAME[:CONFIG]`` dataset with a ``messages`` column,
+or nothing: :func:`default_conversations`, questions about standard-library functions answered with
+their signature and docstring, built from the default pre-training corpus without a download.
+
+A conversation is valid when it is a non-empty list of messages with known roles and non-empty text,
+an optional system message first, then user and assistant strictly alternating and ending with the
+assistant; after tokenization it must fit the context. Invalid ones are counted per reason with their
+line numbers (:class:`ChatReport`); a source without one valid conversation is a user error.
+
+Loss masks come from the tokenizer's chat template, the rendering inference uses: a token is learned
+when it lies in a ``{% generation %}`` block (the assistant's text and its end-of-turn token).
+
+Packing puts several conversations into one row of ``T + 1`` tokens by best-fit decreasing (never
+cutting one) and records a document id per token, so attention can stay inside each conversation;
+positions a row does not fill are padding, which never enters the loss.
+
+Legend: N rows, T sequence length.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import inspect
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # targets the loss skips (the model's cross-entropy ignore_index)
+PAD_DOCUMENT = -1  # document id of padding positions
+
+
+@dataclass
+class ChatReport:
+    """How many conversations a source held, and which were dropped for what reason (line numbers)."""
+
+    total: int = 0
+    valid: int = 0
+    invalid: Dict[str, List[int]] = field(default_factory=dict)
+
+    def add_invalid(self, reason: str, line: int) -> None:
+        """Count one dropped conversation."""
+        self.invalid.setdefault(reason, []).append(line)
+
+    def summary(self, shown: int = 8) -> str:
+        """One line per reason: ``12 not alternating (lines 3, 7, ...)``."""
+        lines = [f"{self.valid} of {self.total} conversations valid"]
+        for reason, where in sorted(self.invalid.items()):
+            listed = ", ".join(map(str, where[:shown])) + (", ..." if len(where) > shown else "")
+            lines.append(f"  {len(where)} {reason} (lines {listed})")
+        return "\n".join(lines)
+
+
+def check_conversation(messages: Any) -> Optional[str]:
+    """Why ``messages`` cannot be trained on (a short reason), or None when it is valid."""
+    if not isinstance(messages, list):
+        return "no 'messages' list"
+    if not messages:
+        return "empty conversation"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return "unknown role"
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            return "empty message"
+    roles = [m["role"] for m in messages]
+    if roles[0] == "system":
+        roles = roles[1:]
+    expected = ["user", "assistant"] * (len(roles) // 2 + 1)
+    if not roles or roles != expected[:len(roles)] or roles[-1] != "assistant":
+        return "not alternating"
+    return None
+
+
+def read_conversations(source: Optional[str]) -> Iterator[Tuple[int, Any]]:
+    """(line number, messages or None for an unreadable line) from a JSONL file, ``hf:`` or the default set."""
+    if not source:
+        yield from enumerate(default_conversations(), start=1)
+    elif source.startswith("hf:"):
+        yield from enumerate(_hf_messages(source[3:]), start=1)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"conversation file not found: {source}")
+        try:
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        yield number, _messages_of(line)
+        except UnicodeDecodeError:
+            raise UserError(f"{source}: not UTF-8 text (expected JSONL conversations)") from None
+
+
+def _messages_of(line: str) -> Any:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("messages") if isinstance(record, dict) else None
+
+
+def _hf_messages(spec: str) -> List[Any]:
+    """The ``messages`` column of a Hugging Face dataset's train split (a saved local folder works offline)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"hf:{spec} needs the 'datasets' package (pip install datasets)") from None
+    name, _, config = spec.partition(":")
+    if not name:
+        raise UserError("hf: needs a dataset name, as in hf:NAME or hf:NAME:CONFIG")
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(name)
+            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, config or None, split="train")
+    except Exception as exc:  # datasets raises many unrelated types for a bad name or config
+        raise UserError(f"hf:{spec}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
+    if "messages" not in ds.column_names:
+        raise UserError(f"hf:{spec}: no 'messages' column (columns: {', '.join(ds.column_names)})")
+    return list(ds["messages"])
+
+
+@dataclass
+class TokenizedChat:
+    """One conversation as token ids with its loss mask (True = learned) and its source line."""
+
+    ids: np.ndarray  # (L,) int64
+    mask: np.ndarray  # (L,) bool
+    line: int
+
+
+def tokenize_conversations(source: Optional[str], tokenizer: Any, max_len: int) -> Tuple[List[TokenizedChat],
+                                                                                          ChatReport]:
+    """Read, validate and tokenize ``source``; conversations over ``max_len`` tokens are dropped and counted."""
+    report, out = ChatReport(), []
+    for line, messages in read_conversations(source):
+        report.total += 1
+        reason = "not JSON with a 'messages' list" if messages is None else check_conversation(messages)
+        if reason is None:
+            ids, mask = tokenizer.chat_ids_and_mask(messages, add_generation_prompt=False)
+            if len(ids) > max_len:
+                reason = f"longer than the context ({max_len} tokens)"
+            else:
+                out.append(TokenizedChat(np.asarray(ids, np.int64), np.asarray(mask, bool), line))
+        if reason is not None:
+            report.add_invalid(reason, line)
+    report.valid = len(out)
+    where = source or "the default conversations"
+    if report.invalid:
+        log.warning("%s: %s", where, report.summary())
+    if not out:
+        raise UserError(f"{where}: no valid conversation ({report.summary().replace(chr(10), ';')})")
+    return out, report
+
+
+def pack(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Best-fit decreasing: indices of ``lengths`` grouped into bins of at most ``capacity`` tokens.
+
+    The longest item goes first, each into the fullest bin that still has room (a new bin when none
+    has); items are never split. Deterministic (ties keep index order).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: List[List[int]] = []
+    free: List[Tuple[int, int]] = []  # (room left, bin index), sorted
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"item {i} of length {lengths[i]} exceeds the capacity {capacity}")
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([i])
+            room, b = capacity - lengths[i], len(bins) - 1
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            room -= lengths[i]
+        bisect.insort(free, (room, b))
+    return bins
+
+
+@dataclass
+class ChatRows:
+    """Fixed-width rows of ``T + 1`` tokens: ids, loss mask and document id per position (N, T + 1)."""
+
+    ids: np.ndarray  # (N, T+1) int64
+    mask: np.ndarray  # (N, T+1) bool, True where the token is learned
+    documents: np.ndarray  # (N, T+1) int32, PAD_DOCUMENT on padding
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, document ids) for the given row indices, each (B, T); y is IGNORE_INDEX where not learned.
+
+        A target is learned when its token is in the mask and belongs to the same conversation as the
+        input before it (so no position predicts across a boundary, and padding is never a target).
+        """
+        ids, mask, docs = self.ids[rows], self.mask[rows], self.documents[rows]  # (B, T+1)
+        x, y = ids[:, :-1], ids[:, 1:].copy()
+        learned = mask[:, 1:] & (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] != PAD_DOCUMENT)
+        y[~learned] = IGNORE_INDEX
+        return np.ascontiguousarray(x), y, np.ascontiguousarray(docs[:, :-1])
+
+
+def build_rows(chats: Sequence[TokenizedChat], seq_len: int, pad_id: int, packing: bool = True) -> ChatRows:
+    """Rows of ``seq_len + 1`` tokens: packed by best fit, or one conversation per row when ``packing`` is off."""
+    width = seq_len + 1
+    if any(len(c.ids) > width for c in chats):
+        raise ValueError(f"a conversation is longer than a row of {width} tokens")
+    groups = pack([len(c.ids) for c in chats], width) if packing else [[i] for i in range(len(chats))]
+    ids = np.full((len(groups), width), pad_id, np.int64)
+    mask = np.zeros((len(groups), width), bool)
+    docs = np.full((len(groups), width), PAD_DOCUMENT, np.int32)
+    for r, group in enumerate(groups):
+        at = 0
+        for doc, i in enumerate(group):
+            n = len(chats[i].ids)
+            ids[r, at:at + n], mask[r, at:at + n], docs[r, at:at + n] = chats[i].ids, chats[i].mask, doc
+            at += n
+    return ChatRows(ids, mask, docs)
+
+
+class ChatBatches:
+    """Seeded epochs over the rows (a fresh permutation per epoch), B rows per step, exactly resumable."""
+
+    def __init__(self, rows: ChatRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.rows, self.batch_size, self.seed = rows, int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+
+    def next_batch(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The next (x, y, document ids); rank r takes its slice of the global ``world_size * B`` rows."""
+        need = self.batch_size * self.world_size
+        picked = []
+        while len(picked) < need:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(need - len(picked), len(self._order) - self.position)
+            picked.extend(self._order[self.position:self.position + take])
+            self.position += take
+        mine = np.asarray(picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+        return self.rows.batch(mine)
+
+    def state_dict(self) -> dict:
+        """JSON-serializable position: epoch and offset in its permutation."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state_dict`` was taken (same rows)."""
+        if int(state["rows"]) != len(self.rows):
+            raise UserError(f"the conversations changed since this run was saved ({state['rows']} rows then, "
+                            f"{len(self.rows)} now)")
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+def split_conversations(chats: List[TokenizedChat], val_fraction: float) -> Tuple[List[TokenizedChat],
+                                                                                   List[TokenizedChat]]:
+    """(train, validation): every k-th conversation held out (none when fewer than 2)."""
+    if val_fraction <= 0 or len(chats) < 2:
+        return chats, []
+    step = max(2, round(1 / val_fraction))
+    return [c for i, c in enumerate(chats) if i % step != step - 1], chats[step - 1::step]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default conversation set: standard-library functions explained by their own docstrings.
+
+QUESTIONS = ("What does {name} do?", "Explain {name}.", "What is {name} for?", "How do I use {name}?")
+SYSTEM_PROMPT = "You answer questions about the Python standard library."
+SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "pydoc_data", "__main__"}
+
+
+def _function_answers(path: Path, module: str) -> Iterator[Tuple[str, str]]:
+    """(qualified name, answer) for each public function or method (of a public top-level class) in ``path``."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    found = [(f"{module}.{node.name}", node, False) for node in tree.body if isinstance(node, ast.FunctionDef)]
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and not cls.name.startswith("_"):
+            found += [(f"{module}.{cls.name}.{node.name}", node, True) for node in cls.body
+                      if isinstance(node, ast.FunctionDef)]
+    for name, node, method in found:
+        doc = ast.get_docstring(node)
+        first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split()) if doc else ""
+        if node.name.startswith("_") or not 20 <= len(first) <= 400:
+            continue
+        args = node.args
+        if method and args.args and args.args[0].arg in ("self", "cls"):
+            args = ast.arguments(posonlyargs=args.posonlyargs, args=args.args[1:], vararg=args.vararg,
+                                 kwonlyargs=args.kwonlyargs, kw_defaults=args.kw_defaults, kwarg=args.kwarg,
+                                 defaults=args.defaults[-len(args.args) + 1:] if len(args.args) > 1 else [])
+        yield name, f"`{name}({ast.unparse(args)})`: {first}"
+
+
+def default_conversations(root: Optional[Path] = None, max_files: Optional[int] = None) -> List[List[dict]]:
+    """Questions about standard-library functions and methods, answered with their signature and docstring.
+
+    Every answer has the same shape, ``\\`module.name(args)\\`: first docstring paragraph``, so a
+    fine-tuned model visibly follows the format. A quarter of the conversations carry a system
+    prompt and every third asks a follow-up about the next function of the same module.
+    """
+    from .sources import default_corpus_files, default_corpus_root
+
+    root = Path(root) if root is not None else default_corpus_root()
+    conversations: List[List[dict]] = []
+    files = [p for p in default_corpus_files(root) if not (SKIP_PARTS & set(p.relative_to(root).parts))]
+    for path in files[:max_files]:
+        parts = path.relative_to(root).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if not parts or any(part.startswith("_") for part in parts):
+            continue
+        answers = list(_function_answers(path, ".".join(parts)))
+        for k, (name, answer) in enumerate(answers):
+            salt = zlib.crc32(name.encode())
+            turns = [{"role": "user", "content": QUESTIONS[salt % len(QUESTIONS)].format(name=name)},
+                     {"role": "assistant", "content": answer}]
+            if salt % 3 == 0 and k + 1 < len(answers):
+                follow, follow_answer = answers[k + 1]
+                turns += [{"role": "user", "content": f"And {follow}?"},
+                          {"role": "assistant", "content": follow_answer}]
+            if salt % 4 == 0:
+                turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            conversations.append(turns)
+    return conversations
