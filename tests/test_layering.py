@@ -1,7 +1,8 @@
 """The layering of ../shared/DESIGN.md, checked on the import statements of every source file.
 
-cli -> training, generation, interop, bench, data, tokenizers; training -> model, data, tokenizers;
-generation -> model; interop -> model, tokenizers; model -> torch + config only; tokenizers, data ->
+cli -> training, generation, interop, evaluation, bench, data, tokenizers; training -> model, data,
+tokenizers; generation -> model; evaluation -> generation, tokenizers (+ api, to load a checkpoint by
+path); interop -> model, tokenizers; model -> torch + config only; tokenizers, data ->
 standard library (+ tokenizers, numpy). Shared leaf modules (config, errors, fsutil, checkpoint_io)
 may be imported by any layer that may import the model.
 """
@@ -20,6 +21,7 @@ ALLOWED = {  # layer -> the custom_llm modules/packages it may import (besides i
     "generation": LEAVES | {"model"},
     "interop": LEAVES | {"model", "tokenizers", "checkpoint_io"},
     "training": LEAVES | {"model", "data", "tokenizers", "checkpoint_io"},
+    "evaluation": LEAVES | {"generation", "tokenizers", "api"},  # api: load a checkpoint or HF folder by path
 }
 NO_TORCH = {"tokenizers", "data"}
 

@@ -1,5 +1,5 @@
-"""``custom-llm generate`` (streamed text from a checkpoint) and ``custom-llm eval`` (loss, perplexity,
-bits per byte on held-out text): argument parsing over :mod:`custom_llm.generation`.
+"""``custom-llm generate`` (streamed text from a checkpoint) and the held-out text side of ``custom-llm eval``
+(loss, perplexity, bits per byte; its parser is in :mod:`.eval`): argument parsing over :mod:`custom_llm.generation`.
 
 Prompts start with the start token the model saw at the beginning of every training document: EOS
 (the training data's document separator) for custom-llm checkpoints, BOS for Hugging Face folders.
@@ -51,18 +51,6 @@ def register(sub) -> None:
     gen.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
                      help="int4 group size for --quantize (default 32)")
     gen.set_defaults(func=run_generate)
-
-    ev = sub.add_parser("eval", help="evaluate loss, perplexity and bits per byte",
-                        description="Evaluate a checkpoint on held-out text: loss (nats/token), perplexity, and "
-                                    "bits per byte (total nats / ln 2 / UTF-8 bytes: tokenizer-independent).")
-    _add_model_args(ev)
-    ev.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                    help="held-out text: files, directories, globs or .jsonl files (as for training)")
-    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    ev.set_defaults(func=run_eval)
 
 
 def _add_model_args(parser) -> None:
