@@ -105,3 +105,30 @@ def test_mismatched_adapter_is_a_user_error(tmp_path):
     save_adapter(model, LoRAConfig(r=4, targets=["q_proj"]), tmp_path)
     with pytest.raises(UserError, match="shape"):
         load_adapter(_tiny(d_model=64), tmp_path)
+
+
+def test_lora_checkpoint_loads_merged_and_exports_merged_or_with_the_adapter(tmp_path, capsys):
+    from custom_llm.api import load_model
+    from custom_llm.checkpoint_io import save_model
+    from custom_llm.cli import main
+    from custom_llm.model.lora import base_state_dict
+
+    base = _tiny()
+    ours = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, targets=ALL))
+    _randomize(ours)
+    ckpt = tmp_path / "ckpt"
+    save_model(base, ckpt)
+    save_adapter(ours, LoRAConfig(r=4, alpha=8, targets=ALL), ckpt)
+    assert base_state_dict(ours).keys() == base.state_dict().keys()
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        expected = ours(ids)
+        torch.testing.assert_close(load_model(ckpt)(ids), expected, atol=2e-5, rtol=1e-4)
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "split")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    split = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "split"), tmp_path / "split" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(split(ids).logits, expected, atol=2e-5, rtol=1e-4)

@@ -33,7 +33,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
     if quantization_of(directory):
         return load_quantized(directory, device=device, dtype=dtype)
-    return load_checkpoint_model(directory, device=device, dtype=dtype)
+    model = load_checkpoint_model(directory, device=device, dtype=dtype)
+    from .interop.peft import has_adapter, load_merged  # a LoRA fine-tune: its adapter folded in
+
+    return load_merged(model, directory) if has_adapter(directory) else model
 
 
 def load_tokenizer(path: str | Path):

@@ -15,6 +15,9 @@ def register(sub) -> None:
     export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weight dtype of the export (default: the checkpoint's)")
+    export.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA fine-tune: fold the adapter into the weights (default: export the base model "
+                             "and the adapter in OUT/adapter, PEFT's format)")
     export.set_defaults(func=run_export)
 
     imp = sub.add_parser("import", help="import a Hugging Face model folder as a checkpoint",
@@ -26,9 +29,15 @@ def register(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..checkpoint_io import resolve_checkpoint_dir
     from ..interop import export_hf
+    from ..interop.peft import export_lora_checkpoint, has_adapter
 
-    out = export_hf(args.ckpt, args.out, dtype=args.dtype)
+    ckpt = resolve_checkpoint_dir(args.ckpt)
+    if has_adapter(ckpt):  # a LoRA fine-tune (custom-llm finetune --lora.r ...)
+        out = export_lora_checkpoint(ckpt, args.out, merge=args.merge_lora, dtype=args.dtype)
+    else:
+        out = export_hf(args.ckpt, args.out, dtype=args.dtype)
     print(f"exported to {out}")
     return 0
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..checkpoint_io import write_json
 from ..errors import UserError
-from ..model.lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, TrainableRows, apply_lora, lora_modules
+from ..model.lora import (ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, TrainableRows, apply_lora, lora_modules,
+                          merge_lora)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -148,3 +149,34 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path]) -> nn.Module:
             value = value / scale
         param.copy_(value.to(param.dtype))
     return model
+
+
+def has_adapter(folder: Union[str, Path]) -> bool:
+    """True when ``folder`` holds a PEFT adapter (a LoRA fine-tune's checkpoint does, beside its base weights)."""
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def load_merged(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """``model`` with the adapter of ``folder`` folded into its weights (for inference)."""
+    return merge_lora(load_adapter(model, folder))
+
+
+def export_lora_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], merge: bool,
+                           dtype: Optional[str] = None) -> Path:
+    """Export a LoRA fine-tune: merged weights, or the base model plus ``OUT/adapter`` in PEFT's format."""
+    import shutil
+
+    from ..checkpoint_io import load_checkpoint_model
+    from ..tokenizers import load_tokenizer
+    from .hf import export_hf
+
+    ckpt_dir = Path(ckpt_dir)
+    model = load_checkpoint_model(ckpt_dir)
+    tokenizer = load_tokenizer(ckpt_dir) if (ckpt_dir / "tokenizer.json").is_file() else None
+    if merge:
+        return export_hf(load_merged(model, ckpt_dir), out_dir, tokenizer=tokenizer, dtype=dtype)
+    out = export_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype)
+    (out / "adapter").mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(ckpt_dir / name, out / "adapter" / name)
+    return out

@@ -177,6 +177,16 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def base_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The frozen base model's tensors under their plain names (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name or name.endswith("trainable_tokens_delta"):
+            continue
+        out[name.replace(".base_layer.", ".").replace("base_layer.", "")] = tensor
+    return out
+
+
 def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
     """Every :class:`LoRALinear` of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
