@@ -17,7 +17,8 @@ import numpy as np
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from custom_llm.config import ModelConfig
 from custom_llm.training.config import TrainConfig
-from custom_llm.training.trainer import Trainer
+from custom_llm.training.loop import train_loop
+from custom_llm.training.parts import build_parts
 
 rng = np.random.default_rng(0)
 base = rng.integers(0, 64, size=31)
@@ -26,20 +27,20 @@ data = types.SimpleNamespace(train=tokens[:3400], val=tokens[3400:])
 model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 cfg = TrainConfig(max_steps=5, batch_size=8, grad_accum_steps=2, lr=3e-3, warmup_steps=1, eval_every=5,
                   eval_batches=2, eval_batch_size=4, log_every=1, device="cpu", precision="fp32", sample_tokens=0)
-trainer = Trainer(model, cfg, sys.argv[1], data, progress=False)
+parts = build_parts(model, cfg, data.train)
 reductions = []  # (DDP forwards so far, bucket index) for each gradient all-reduce
-if trainer.rt.distributed:  # trainer.net is the DistributedDataParallel module
+if parts.rt.distributed:  # parts.net is the DistributedDataParallel module
     forwards = [0]
-    trainer.net.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
+    parts.net.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
 
     def counting_allreduce(state, bucket):  # DDP's default averaging all-reduce, counted
         reductions.append((forwards[0], bucket.index()))
         return allreduce_hook(state, bucket)
 
-    trainer.net.register_comm_hook(None, counting_allreduce)
-trainer.run()
-if trainer.rt.distributed:
-    with open(f"{sys.argv[1]}-reductions-rank{trainer.rt.rank}.json", "w") as f:
+    parts.net.register_comm_hook(None, counting_allreduce)
+train_loop(parts, sys.argv[1], data, progress=False)
+if parts.rt.distributed:
+    with open(f"{sys.argv[1]}-reductions-rank{parts.rt.rank}.json", "w") as f:
         json.dump(reductions, f)
 '''
 

@@ -50,7 +50,7 @@ def test_shakespeare_preset_is_nanogpt_baby_gpt_size():
 def test_short_run_beats_character_frequencies(shakespeare_path, tmp_path):
     """80 steps of a small model: validation loss below the unigram entropy of the validation text."""
     from custom_llm.data import prepare_data
-    from custom_llm.training.trainer import train
+    from custom_llm.training.loop import train
 
     model_config, train_config = resolve_run_config(
         "shakespeare-char", None,

@@ -1,4 +1,4 @@
-"""Trainer: gradient accumulation equivalence, non-finite steps, what a run writes."""
+"""The training loop: gradient accumulation equivalence, non-finite steps, what a run writes."""
 
 import json
 import math
@@ -10,7 +10,12 @@ import torch
 
 from custom_llm import ModelConfig
 from custom_llm.training.config import TrainConfig
-from custom_llm.training.trainer import Trainer, TrainingStopped, train
+from custom_llm.training import compiling
+from custom_llm.training.loop import TrainingStopped, train, train_loop
+from custom_llm.training.parts import build_parts
+from custom_llm.training.plan import plan_step
+from custom_llm.training.state import TrainState
+from custom_llm.training.step import train_step
 
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 
@@ -31,16 +36,22 @@ def config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _captured_grads(trainer):
-    """Run one trainer step, recording the gradients its optimizer would apply (and not applying them)."""
+def _one_step(parts):
+    """One optimizer step of a fresh run through the public seams (plan, batch, step)."""
+    plan = plan_step(TrainState(), parts.mc, parts.tc, parts.rt.world_size)
+    parts.loader.set_shape(plan.rank_batch, plan.seq_len)
+    return train_step(parts, plan, *parts.loader.next_batch(), stop_requested=False)
+
+
+def _captured_grads(parts):
+    """Run one step, recording the gradients its optimizer would apply (and not applying them)."""
     grads = {}
 
     def record(*args, **kwargs):
-        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        grads.update({n: p.grad.clone() for n, p in parts.model.named_parameters()})
 
-    trainer.optimizer.step = record
-    loss = trainer._train_step(False)[0]
-    return loss, grads
+    parts.optimizer.step = record
+    return _one_step(parts).loss, grads
 
 
 def test_accumulated_micro_batches_equal_one_batch(tmp_path):
@@ -49,9 +60,8 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
 
     data = dataset()
     cfg = dict(grad_clip=0.0)
-    loss1, grads1 = _captured_grads(Trainer(MODEL, config(**cfg), tmp_path / "k1", data, progress=False))
-    loss4, grads4 = _captured_grads(Trainer(MODEL, config(grad_accum_steps=4, **cfg), tmp_path / "k4", data,
-                                            progress=False))
+    loss1, grads1 = _captured_grads(build_parts(MODEL, config(**cfg), data.train))
+    loss4, grads4 = _captured_grads(build_parts(MODEL, config(grad_accum_steps=4, **cfg), data.train))
     # independent reference: the same initial weights and batch, one plain backward pass
     torch.manual_seed(0)
     model = Transformer(MODEL)
@@ -66,8 +76,9 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
 
 
 def test_non_finite_step_is_skipped_and_run_stops_after_max_bad(tmp_path):
-    trainer = Trainer(MODEL, config(max_bad_steps=3, max_steps=10), tmp_path / "run", dataset(), progress=False)
-    real = trainer.model.compute_loss
+    data = dataset()
+    parts = build_parts(MODEL, config(max_bad_steps=3, max_steps=10), data.train)
+    real = parts.model.compute_loss
 
     def poisoned(x, y):
         out = real(x, y)
@@ -75,15 +86,13 @@ def test_non_finite_step_is_skipped_and_run_stops_after_max_bad(tmp_path):
         out.lm_loss = out.lm_loss * float("nan")
         return out
 
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.model.compute_loss = poisoned
-    _, _, applied, _ = trainer._train_step(False)
-    assert not applied
-    for name, p in trainer.model.named_parameters():
+    before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    parts.model.compute_loss = poisoned
+    assert not _one_step(parts).applied
+    for name, p in parts.model.named_parameters():
         assert torch.equal(p, before[name]), name  # no update
-    trainer.step = 0
-    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss"):
-        trainer.run()
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss.*lower --train.lr$"):
+        train_loop(parts, tmp_path / "run", data, progress=False)  # fp32: no advice to change precision
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_steps"] == 3 and "loss" not in rows[-1]
     assert not list((tmp_path / "run").glob("ckpt-*"))
@@ -138,18 +147,17 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
     from custom_llm.errors import UserError
     from custom_llm.training import loop
 
-    def run_out_of_memory(self):
+    def run_out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop.TrainingLoop, "run", run_out_of_memory)
-    trainer = Trainer(MODEL, config(max_steps=1), tmp_path / "run", dataset())
+    monkeypatch.setattr(loop, "train_step", run_out_of_memory)
     with pytest.raises(UserError) as info:
-        trainer.run()
+        train(MODEL, config(max_steps=1), tmp_path / "run", dataset(), progress=False)
     message = str(info.value)
     assert "out of memory" in message and "grad_accum_steps" in message and "grad_checkpointing" in message
-    monkeypatch.setattr(loop.TrainingLoop, "run", lambda self: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):  # anything else keeps its traceback
-        Trainer(MODEL, config(max_steps=1), tmp_path / "run2", dataset()).run()
+        train(MODEL, config(max_steps=1), tmp_path / "run2", dataset(), progress=False)
 
 
 def test_metrics_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatch):
@@ -181,7 +189,6 @@ def test_metrics_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatc
 def test_compile_decision_follows_the_toolchain(monkeypatch, caplog):
     """Explicit compile without a toolchain is an error; the CUDA default falls back to eager with a warning."""
     from custom_llm.errors import UserError
-    from custom_llm.training import trainer as trainer_module
 
     asked = []
 
@@ -189,17 +196,17 @@ def test_compile_decision_follows_the_toolchain(monkeypatch, caplog):
         asked.append(device.type)
         return "Triton is not installed"
 
-    monkeypatch.setattr(trainer_module, "compile_toolchain_problem", missing)
+    monkeypatch.setattr(compiling, "compile_toolchain_problem", missing)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(UserError, match="train.compile: .*Triton is not installed.*--train.compile false"):
-        trainer_module.use_compile(config(compile=True), cuda)
+        compiling.use_compile(True, cuda)
     with caplog.at_level("WARNING", logger="custom_llm.training"):
-        assert trainer_module.use_compile(config(compile=None), cuda) is False
+        assert compiling.use_compile(None, cuda) is False
     assert "training without torch.compile: Triton is not installed" in caplog.text
     asked.clear()
-    assert trainer_module.use_compile(config(compile=False), cuda) is False
-    assert trainer_module.use_compile(config(compile=None), cpu) is False  # CPU default: eager, nothing probed
+    assert compiling.use_compile(False, cuda) is False
+    assert compiling.use_compile(None, cpu) is False  # CPU default: eager, nothing probed
     assert asked == []
-    monkeypatch.setattr(trainer_module, "compile_toolchain_problem", lambda device: None)
-    assert trainer_module.use_compile(config(compile=True), cpu) is True
-    assert trainer_module.use_compile(config(compile=None), cuda) is True
+    monkeypatch.setattr(compiling, "compile_toolchain_problem", lambda device: None)
+    assert compiling.use_compile(True, cpu) is True
+    assert compiling.use_compile(None, cuda) is True

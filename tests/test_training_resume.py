@@ -28,7 +28,7 @@ logging.basicConfig(level=logging.INFO)
 import numpy as np
 from custom_llm.config import ModelConfig
 from custom_llm.training.config import TrainConfig
-from custom_llm.training.trainer import train
+from custom_llm.training.loop import train
 
 def dataset():
     rng = np.random.default_rng(0)

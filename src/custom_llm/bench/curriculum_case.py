@@ -34,7 +34,7 @@ def _dataset(ctx: Context, tmp: Path, vocab_size: int):
 def _run(ctx: Context, model_config, dataset, tokenizer, run_dir: Path, stages: list) -> list[dict]:
     """Train one run; its evaluation rows (step, tokens, val_loss, seconds since the start)."""
     from ..training.config import TrainConfig
-    from ..training.trainer import train
+    from ..training.loop import train
 
     c = ctx.sizes.curriculum
     steps = c["steps"]

@@ -71,7 +71,7 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
     dev = resolve_device(device)
     if repeats is not None and repeats < 1:
         raise UserError(f"--repeats must be at least 1 (got {repeats})")
-    from ..training.trainer import resolve_compile  # imported on use, like the cases' heavy modules
+    from ..training.compiling import resolve_compile  # imported on use, like the cases' heavy modules
 
     compile = resolve_compile(compile, dev, dev.type == "cuda" and not quick, "--compile", "run without --compile",
                               "benchmarking our side")

@@ -48,7 +48,7 @@ def shakespeare_char(ctx: Context) -> Result:
     """Train nanoGPT's char-level Shakespeare recipe for this device; final validation loss vs published."""
     from ..data import prepare_data
     from ..training.config import resolve_run_config
-    from ..training.trainer import train
+    from ..training.loop import train
 
     path = find_text(ctx.data)
     preset, published = PUBLISHED["cuda" if ctx.device.type == "cuda" else "cpu"]

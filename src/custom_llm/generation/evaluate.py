@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..model.loss import perplexity
+
 IGNORE = -100
 
 
@@ -77,7 +79,7 @@ def total_nats(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int
 def summarize(nats: float, tokens: int, n_bytes: int) -> EvalResult:
     """Loss, perplexity and bits per byte from totals."""
     loss = nats / max(tokens, 1)
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+    return EvalResult(loss=loss, perplexity=perplexity(loss),
                       bits_per_byte=nats / math.log(2) / max(n_bytes, 1), tokens=tokens, bytes=n_bytes)
 
 

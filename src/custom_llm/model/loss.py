@@ -16,6 +16,7 @@ Legend: N tokens (B * T flattened), C d_model, V vocab.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 # Bytes of fp32 logits per chunk: small enough to stay in the CPU allocator's reused blocks (large
 # fresh allocations pay page faults each step), large enough for efficient GPU matmuls.
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) of a mean loss in nats, clamped at exp(50) so a diverged run's value stays a finite number."""
+    return math.exp(min(loss, 50.0))
 
 
 def reference_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint_io import (CKPT_PATTERN, list_checkpoints, load_state_into, read_json, save_model,
+from ..checkpoint_io import (list_checkpoints, load_state_into, read_json, save_model,
                              write_json)
 from ..errors import UserError
 
@@ -194,10 +194,3 @@ def load_trainer_state(directory: Path) -> dict:
     """The trainer_state.json of a checkpoint."""
     return read_json(Path(directory) / STATE_FILE)
 
-
-def checkpoint_step(directory: Path) -> int:
-    """The step in a ``ckpt-<step>`` directory name."""
-    match = CKPT_PATTERN.match(Path(directory).name)
-    if not match:
-        raise UserError(f"not a checkpoint directory name: {directory}")
-    return int(match.group(1))

@@ -17,6 +17,7 @@ from ..config import MODEL_PRESETS, ModelConfig, _is_int, _is_number, from_dict,
 from ..errors import ConfigError
 from .curriculum import LR_RULES, CurriculumStage
 from .optim import OPTIMIZERS
+from .plan import batch_split_problem
 from .schedules import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -151,8 +152,8 @@ class TrainConfig:
                               ("device", DEVICES), ("tokenizer", TOKENIZER_KINDS), ("curriculum_lr_rule", LR_RULES)):
             need(getattr(self, name) in choices, f"train.{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         if _is_int(self.batch_size) and _is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1:
-            need(self.batch_size % self.grad_accum_steps == 0,
-                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})")
+            problems.extend(filter(None, [batch_split_problem("train.batch_size", self.batch_size, 1,
+                                                              self.grad_accum_steps)]))
         stages = []
         for i, stage in enumerate(self.curriculum if isinstance(self.curriculum, list) else []):
             if isinstance(stage, dict):  # built in Python with plain dicts
@@ -188,8 +189,8 @@ def _stage_problems(i: int, stage: CurriculumStage, accum: Any) -> list[str]:
         problems.append(f"{name}.target_ppl must be > 0 or null")
     if stage.max_steps is not None and not (_is_int(stage.max_steps) and stage.max_steps >= 1):
         problems.append(f"{name}.max_steps must be an integer >= 1 or null")
-    if not problems and _is_int(accum) and accum >= 1 and stage.batch_size % accum != 0:
-        problems.append(f"{name}.batch_size ({stage.batch_size}) must be divisible by train.grad_accum_steps ({accum})")
+    if not problems and _is_int(accum) and accum >= 1:
+        problems.extend(filter(None, [batch_split_problem(f"{name}.batch_size", stage.batch_size, 1, accum)]))
     return problems
 
 

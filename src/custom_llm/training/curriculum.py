@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..model.loss import perplexity
+
 LR_RULES = ("sqrt", "linear", "none")
 
 
@@ -102,7 +104,7 @@ def update(state: CurriculumState, stages: list[CurriculumStage], step: int, tok
     if not stages:
         return None
     if val_loss is not None:
-        state.ppl_history.append(math.exp(min(val_loss, 50.0)))
+        state.ppl_history.append(perplexity(val_loss))
     stage = stages[state.stage]
     reason = advance_reason(stage, state.ppl_history, step - state.stage_start_step, patience=patience,
                             threshold=threshold, is_last=state.stage == len(stages) - 1)

@@ -67,3 +67,84 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class RunLog:
+    """The run's outputs on rank 0: ``metrics.jsonl`` rows and the progress display.
+
+    It reads the run's state and never changes it. On a terminal progress is a tqdm bar; piped to a
+    file or CI log it is a plain line at most every ``plain_every`` steps (and at every evaluation),
+    instead of thousands of carriage-return redraws.
+    """
+
+    def __init__(self, run_dir: Path, *, is_main: bool, start_step: int, start_tokens: int, max_steps: int,
+                 resumed: bool, progress: bool, peak: Optional[float], world_size: int, flops_per_token: Any):
+        import sys
+        import time
+
+        self.peak, self.world_size, self.flops_per_token = peak, world_size, flops_per_token
+        self.writer = MetricsWriter(run_dir, resume_step=start_step if resumed else None) if is_main else None
+        self.interval = (time.time(), start_tokens)
+        self.bar = None
+        self.plain_every = max(1, max_steps // 20)
+        self.last_plain = start_step
+        self.plain = progress and is_main and not sys.stderr.isatty()
+        if progress and is_main and not self.plain:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+
+    def row(self, state: Any, lr: float, seq_len: int, expert_load: dict, extra: dict) -> dict:
+        """Write the metrics row of ``state.step`` (the mean of ``state.pending_losses`` as its loss)."""
+        import time
+
+        now = time.time()
+        seconds, tokens0 = now - self.interval[0], self.interval[1]
+        self.interval = (now, state.tokens)
+        row: dict = {"step": state.step, "tokens": state.tokens, "lr": lr, "stage": state.curriculum.stage}
+        if state.pending_losses:
+            row["loss"] = sum(state.pending_losses) / len(state.pending_losses)
+        if seconds > 0 and state.tokens > tokens0:
+            row["tokens_per_s"] = (state.tokens - tokens0) / seconds
+            if self.peak:
+                row["mfu"] = row["tokens_per_s"] * self.flops_per_token(seq_len) / (self.peak * self.world_size)
+        if state.bad_steps:
+            row["bad_steps"] = state.bad_steps
+        if expert_load:
+            row["moe_load"] = [[round(float(v), 4) for v in load.tolist()] for _, load in sorted(expert_load.items())]
+        row.update(extra)
+        if self.writer is not None:
+            self.writer.write(row)
+        if self.bar is not None:
+            self.bar.set_postfix(_postfix(row), refresh=False)
+        elif self.plain and ("val_loss" in row or state.step - self.last_plain >= self.plain_every):
+            self.last_plain = state.step
+            log.info("step %d: %s", state.step, ", ".join(f"{k} {v}" for k, v in _postfix(row).items()))
+        return row
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _postfix(row: dict) -> dict:
+    """The fields of a row shown beside the progress bar (or in a plain progress line)."""
+    shown = {}
+    if "loss" in row:
+        shown["loss"] = f"{row['loss']:.3f}"
+    if "val_loss" in row:
+        shown["val"] = f"{row['val_loss']:.3f}"
+    if row.get("lr") is not None:
+        shown["lr"] = f"{row['lr']:.2e}"
+    if "tokens_per_s" in row:
+        shown["tok/s"] = f"{row['tokens_per_s']:.0f}"
+    if "mfu" in row:
+        shown["mfu"] = f"{100 * row['mfu']:.1f}%"
+    return shown

@@ -22,8 +22,9 @@ from ..errors import UserError
 from ..fsutil import check_writable_dir
 from .checkpoint import latest_checkpoint, remove_leftovers
 from .config import TrainConfig, check_run_config, load_config_file, resolve_run_config
-from .distributed import barrier, init_runtime
-from .trainer import TrainResult, train, use_compile
+from .compiling import use_compile
+from .distributed import barrier, init_runtime, shutdown
+from .loop import TrainResult, train
 
 log = logging.getLogger("custom_llm.training")
 
@@ -112,11 +113,19 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
     may read Hugging Face folders; this layer does not). ``sample(checkpoint, tokenizer, prompt ids,
     n)``: the text printed as a sample at the end (none when None).
     """
+    runtime = init_runtime(job.train.device, job.train.precision)
+    try:
+        return _run(job, runtime, progress, init, sample)
+    finally:
+        shutdown(runtime)  # leave the process group (torchrun) once the job is over
+
+
+def _run(job: Job, runtime: Any, progress: bool, init: Optional[tuple[ModelConfig, dict, Any]],
+         sample: Optional[Callable[[Path, Any, list[int], int], str]]) -> TrainResult:
     from ..data import unigram_entropy
 
-    runtime = init_runtime(job.train.device, job.train.precision)
-    if job.train.compile:  # an impossible explicit --train.compile true fails before any work (the default: in Trainer)
-        use_compile(job.train, runtime.device)
+    if job.train.compile:  # an impossible explicit --train.compile true fails before any work (default: build_parts)
+        use_compile(job.train.compile, runtime.device)
     init_state, tokenizer = None, None
     resume_from = latest_checkpoint(job.out) if job.resume else None
     resuming = resume_from is not None
