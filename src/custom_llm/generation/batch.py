@@ -99,7 +99,7 @@ class BatchEngine:
     :func:`~.generate.compile_decode_step`); a compiled step always runs all ``max_batch`` rows and
     reads the whole cache, so it is traced once. Eagerly, a step runs rows 0 .. highest active slot
     and reads the cache up to the latest time (free slots are taken lowest first, so the batch stays
-    short). ``max_queue`` bounds the requests waiting for a slot (:class:`QueueFull` beyond it).
+    short). ``max_queue`` bounds the requests waiting while every slot is busy (:class:`QueueFull` beyond it).
     """
 
     def __init__(self, model: torch.nn.Module, max_batch: int = 8, max_queue: int = 64, *,
@@ -141,8 +141,10 @@ class BatchEngine:
         """Queue a request (ValueError if it cannot fit; :class:`QueueFull` past ``max_queue`` unless ``force``)."""
         self.check(len(request.prompt), request.max_new_tokens)
         with self._cond:
-            if not force and len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting (max_queue={self.max_queue})")
+            free = self.max_batch - self.active_slots  # queued requests that a free slot takes at the next step
+            if not force and len(self._queue) >= self.max_queue + free:
+                raise QueueFull(f"{self.max_batch} requests are generating and {len(self._queue)} waiting "
+                                f"(max_queue={self.max_queue})")
             self._queue.append(request)
             self._cond.notify()
         return request
