@@ -50,6 +50,10 @@ def register(sub) -> None:
                      help="quantize the weights on load (weight-only; see custom-llm quantize)")
     gen.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
                      help="int4 group size for --quantize (default 32)")
+    gen.add_argument("--draft", default=None, metavar="PATH",
+                     help="speculative decoding with this smaller checkpoint (same tokenizer) as the draft model")
+    gen.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                     help="tokens the draft proposes per target forward (default 4)")
     gen.set_defaults(func=run_generate)
 
 
@@ -98,7 +102,7 @@ def run_generate(args) -> int:
         from ..generation.quant import quantize_model
 
         quantize_model(model, args.quantize, args.group_size)
-    engine = Engine(model, compile=args.compile)
+    engine = _speculative_engine(model, tokenizer, args) if args.draft else Engine(model, compile=args.compile)
     interactive = prompt_text is None
     for text in _prompts(prompt_text):
         try:
@@ -109,6 +113,41 @@ def run_generate(args) -> int:
                 raise
             sys.stderr.write(f"error: {exc}\n")
     return 0
+
+
+class _SpeculativeEngine:
+    """The part of Engine's interface the command uses, over a SpeculativeDecoder (one prompt per call)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.model = decoder, decoder.target
+        self.device = decoder.target.embed_tokens.weight.device
+        self.has_full_attention = any(w is None for w in self.model.layer_windows)
+
+    def stream(self, prompts, max_new_tokens, params, generator):
+        import logging
+
+        yield from ([token] for token in self.decoder.stream(prompts[0], max_new_tokens, params, generator))
+        stats = self.decoder.stats
+        logging.getLogger(__name__).info("draft acceptance: %.1f%% (%d of %d proposed tokens, %d target forwards)",
+                                         100 * stats.acceptance_rate, stats.accepted, stats.proposed, stats.rounds)
+
+
+def _speculative_engine(model, tokenizer, args):
+    """--draft: load the draft like the target (device, dtype, --quantize) and check it shares the tokenizer."""
+    from ..api import load_model, load_tokenizer
+    from ..generation.speculative import SpeculativeDecoder
+
+    if not Path(args.draft).exists():
+        raise UserError(f"draft checkpoint not found: {args.draft}")
+    if load_tokenizer(args.draft).fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"the draft {args.draft} has a different tokenizer from the target's")
+    weight = model.embed_tokens.weight
+    draft = load_model(args.draft, device=weight.device, dtype=weight.dtype)
+    if args.quantize:
+        from ..generation.quant import quantize_model
+
+        quantize_model(draft, args.quantize, args.group_size)
+    return _SpeculativeEngine(SpeculativeDecoder(model, draft, args.draft_tokens))
 
 
 def _generate_one(engine, tokenizer, start: Optional[int], text: str, args, params, generator) -> None:
