@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 
-COMMANDS = ("train", "generate", "eval", "export", "import", "bench", "tokenizer", "quantize")
+COMMANDS = ("train", "generate", "eval", "export", "import", "bench", "tokenizer", "quantize", "serve")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,12 +27,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    from . import bench, eval, generate, interop, quantize, tokenizer, train
+    from . import bench, eval, generate, interop, quantize, serve, tokenizer, train
 
     parser = ArgumentParser(prog="custom-llm", description="Train, run and exchange modern decoder-only LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for module in (train, generate, eval, interop, bench, tokenizer, quantize):
+    for module in (train, generate, eval, interop, bench, tokenizer, quantize, serve):
         module.register(sub)
     return parser
 
