@@ -53,11 +53,13 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     """
     a, b, c = NS_COEFFICIENTS
     tall = G.shape[-2] > G.shape[-1]
-    X = G.mT if tall else G  # (..., R, C), R <= C
-    X = (X.float() / (torch.linalg.matrix_norm(X.float(), keepdim=True) + eps)).to(dtype)
+    X = (G.mT if tall else G).float()  # (..., R, C), R <= C
+    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)).to(dtype).reshape(-1, *X.shape[-2:])  # (N, R, C)
     for _ in range(steps):
-        A = X @ X.mT  # (..., R, R)
-        X = a * X + (b * A + c * (A @ A)) @ X
+        A = torch.bmm(X, X.mT)  # (N, R, R)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
+        X = torch.baddbmm(X, B, X, beta=a)  # a·X + B·X
+    X = X.reshape(*G.shape[:-2], *X.shape[-2:])
     return X.mT if tall else X
 
 
@@ -141,13 +143,14 @@ class Muon(torch.optim.Optimizer):
                 self._adamw_step(group)
                 continue
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                update = updates.get(index[id(p)])
-                if update is None:
-                    continue
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * shape_scale(p))
+            params = [p for p in group["params"] if index[id(p)] in updates]
+            if params and wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            by_scale: dict[float, list] = defaultdict(list)  # one multi-tensor add per shape factor
+            for p in params:
+                by_scale[shape_scale(p)].append(p)
+            for scale, same in by_scale.items():
+                torch._foreach_add_(same, [updates[index[id(p)]] for p in same], alpha=-lr * scale)
         return loss
 
     def _momentum_updates(self) -> dict[int, torch.Tensor]:
@@ -176,7 +179,7 @@ class Muon(torch.optim.Optimizer):
             return _orthogonalize_stacked(pending, self.ns_steps, self.ns_dtype)
         mine = {i: u for i, u in pending.items() if self.owners[i] == self.rank}
         done = _orthogonalize_stacked(mine, self.ns_steps, self.ns_dtype)
-        share = torch.zeros(self.share_numel, dtype=self.ns_dtype, device=self.matrices[0].device)
+        share = torch.zeros(self.share_numel, dtype=self.matrices[0].dtype, device=self.matrices[0].device)
         for i, o in done.items():  # a matrix without a gradient leaves zeros (no rank applies it)
             share[self.offsets[i]:self.offsets[i] + o.numel()] = o.flatten()
         shares = [torch.empty_like(share) for _ in range(self.world_size)]
@@ -207,7 +210,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def _orthogonalize_stacked(updates: dict[int, torch.Tensor], steps: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """newton_schulz of each update, every matrix of one (oriented) shape in one batched call."""
+    """newton_schulz of each update (in ``dtype``, returned in the update's), every matrix of one
+    (oriented) shape in one batched call."""
     by_shape: dict[tuple, list] = defaultdict(list)
     for i, u in updates.items():
         m = u.reshape(-1, *u.shape[-2:])  # (E, R, C); E = 1 for a plain matrix
@@ -217,7 +221,7 @@ def _orthogonalize_stacked(updates: dict[int, torch.Tensor], steps: int, dtype: 
     out = {}
     for entries in by_shape.values():
         stack = torch.cat([m for _, m, _ in entries])  # (N, R, C)
-        ortho = newton_schulz(stack, steps, dtype).split([m.shape[0] for _, m, _ in entries])
+        ortho = newton_schulz(stack, steps, dtype).to(stack.dtype).split([m.shape[0] for _, m, _ in entries])
         for (i, _, tall), o in zip(entries, ortho):
             out[i] = (o.mT if tall else o).reshape(updates[i].shape)
     return out
