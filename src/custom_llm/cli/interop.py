@@ -11,8 +11,10 @@ def register(sub) -> None:
                             description="Write a Hugging Face model folder (Llama, Mistral, Mixtral or Qwen2-MoE, "
                                         "chosen from the model) that transformers loads with no custom code.")
     export.add_argument("--ckpt", required=True, help="checkpoint directory (or run directory: its newest checkpoint)")
-    export.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
-    export.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                        help="output format: hf (a model folder) or gguf (one file for llama.cpp) (default: hf)")
+    export.add_argument("--out", required=True, help="output folder (must not exist or be empty); for gguf the file")
+    export.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="gguf weight type (default: f16)")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weight dtype of the export (default: the checkpoint's)")
     export.add_argument("--merge-lora", action="store_true",
@@ -29,6 +31,11 @@ def register(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from ..interop.gguf import export_gguf
+
+        print(f"exported to {export_gguf(args.ckpt, args.out, quant=args.quant)}")
+        return 0
     from ..checkpoint_io import resolve_checkpoint_dir
     from ..interop import export_hf
     from ..interop.peft import export_lora_checkpoint, has_adapter
