@@ -185,93 +185,101 @@ def test_decode_step_traces_without_graph_breaks():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_cpu_decode_matches_eager():
-    """The CPU compile path (inductor C++, weights frozen into its GEMM template) gives the eager tokens,
-    also when a second batch size recompiles and when guards are skipped after a generation's first step."""
+HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+GENERATE_MODULE = importlib.import_module("custom_llm.generation.generate")  # the module, not the function
+
+
+@pytest.fixture(scope="module")
+def compiled_cpu_engine():
+    """One real CPU compile (inductor C++, weights frozen into its GEMM template) shared by the tests
+    below: a model with every decode-time feature that changes the compiled graph (a sliding-window
+    and a full layer, MoE experts with a gated shared expert), and its eager tokens for two prompts."""
+    if not HAS_CXX:
+        pytest.skip("inductor needs a C++ compiler on the CPU")
     torch.manual_seed(0)
-    model = tiny_model(sliding_window=4, window_pattern="SL")
+    model = tiny_model(sliding_window=4, window_pattern="SL", n_experts=4, moe_top_k=2, moe_ffn_dim=24,
+                       n_shared_experts=1, shared_expert_gate=True)
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9)]
     eager = Engine(model, compile=False, transpose_weights=False)
-    expected = [eager.generate(prompts, 12), eager.generate(prompts[1:], 12)]
     torch._dynamo.reset()
     engine = Engine(model, compile=True)
-    try:
-        assert engine.generate(prompts, 12) == expected[0]
-        assert engine.generate(prompts[1:], 12) == expected[1]  # batch 1: a new cache, a second graph
-        assert engine.generate(prompts, 12) == expected[0]  # back to the first graph
-        assert engine._step is not None  # it really ran compiled
-    finally:
-        torch._dynamo.reset()
+    compiled = engine.generate(prompts, 8)
+    yield engine, eager, prompts, compiled
+    torch._dynamo.reset()
+
+
+def test_compiled_cpu_decode_matches_eager(compiled_cpu_engine):
+    """The compiled step gives the eager tokens (the MoE layers' static 'gathered' dispatch included)."""
+    engine, eager, prompts, compiled = compiled_cpu_engine
+    assert compiled == eager.generate(prompts, 8)
+    assert engine.step.state == "compiled"  # it really ran compiled
+    assert engine.step.skip_guards  # no step needed a new graph (MoE: no recompilation per routing)
+
+
+def test_compiled_cpu_decode_replays_with_guards_skipped(compiled_cpu_engine):
+    """New prompts of the same batch bucket replay the compiled code, guards skipped after the first step."""
+    engine, eager, prompts, _ = compiled_cpu_engine
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    others = [[7, 1], [2, 8, 5, 3, 6, 4, 9, 9, 1, 0, 3]]
+    assert engine.generate(others, 8) == eager.generate(others, 8)
+    assert engine.generate(prompts[::-1], 8) == eager.generate(prompts[::-1], 8)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs and engine.step.skip_guards
 
 
 def test_failed_compile_warns_and_decodes_eagerly(monkeypatch, caplog):
-    generate_module = importlib.import_module("custom_llm.generation.generate")  # the module, not the function
-
     def broken_compiler(device):
         def step(*args):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler\n\nSet TORCHDYNAMO_VERBOSE=1 for ...")
         return step
 
-    monkeypatch.setattr(generate_module, "compile_decode_step", broken_compiler)
+    monkeypatch.setattr(GENERATE_MODULE, "compile_decode_step", broken_compiler)
     model = tiny_model()
     expected = Engine(model, compile=False).generate([[1, 2, 3]], 8)
     engine = Engine(model, compile=True)
     with caplog.at_level("WARNING"):
         assert engine.generate([[1, 2, 3]], 8) == expected
-    assert "compiling the decode step failed (RuntimeError: InvalidCxxCompiler: no working C++ compiler)" in caplog.text
-    assert engine._step is None
+        assert engine.generate([[1, 2, 3]], 8) == expected
+    assert caplog.text.count("compiling the decode step failed (RuntimeError: InvalidCxxCompiler: no working "
+                             "C++ compiler); decoding eagerly") == 1  # once, first line only
+    assert engine.step.state == "eager"
 
 
-def test_a_recompile_mid_generation_turns_the_guard_skip_off(monkeypatch):
-    """Skipped guards make a needed recompilation an error (torch raises); the engine retries that step
-    with guards, keeps them on, and the tokens stay right."""
-    generate_module = importlib.import_module("custom_llm.generation.generate")
+def fake_compiler(monkeypatch, fails):
+    """A step that raises a RuntimeError with a message unlike torch's where ``fails(calls)`` is true;
+    ``calls`` (returned) holds whether guards were skipped, per call so far."""
     calls = []
 
-    def compiler_needing_a_recompile(device):
+    def compiler(device):
         def step(model, cache, token, time):
-            skipping = torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
-            calls.append(skipping)
-            if skipping and len(calls) == 3:
-                raise RuntimeError("Recompilation triggered with skip_guard_eval_unsafe stance. ...")
+            calls.append(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe)
+            if fails(calls):
+                raise RuntimeError("some failure")
             return decode_one_token(model, cache, token, time, read_len=int(time) + 1)
         return step
 
-    monkeypatch.setattr(generate_module, "compile_decode_step", compiler_needing_a_recompile)
+    monkeypatch.setattr(GENERATE_MODULE, "compile_decode_step", compiler)
+    return calls
+
+
+def test_a_recompile_mid_generation_turns_the_guard_skip_off(monkeypatch):
+    """A step that fails with guards skipped (torch raises when it would need a new graph then) is retried
+    with guards; once that works, guards stay on, and the tokens stay right. The error's text plays no part."""
+    calls = fake_compiler(monkeypatch, lambda calls: len(calls) == 3 and calls[-1])
     model = tiny_model()
     expected = Engine(model, compile=False).generate([[1, 2, 3]], 8)
     engine = Engine(model, compile=True)
     assert engine.generate([[1, 2, 3]], 8) == expected
     assert calls == [False, True, True, False, False, False, False, False]  # first step checks; retry and after: checks
-    assert engine._step is not None
+    assert engine.step.state == "compiled" and not engine.step.skip_guards
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_cpu_decode_of_an_moe_model_matches_eager():
-    """MoE decoding compiles to static shapes (the 'gathered' experts): no recompilation per routing."""
-    torch.manual_seed(0)
-    model = tiny_model(n_experts=4, moe_top_k=2, moe_ffn_dim=24, n_shared_experts=1, shared_expert_gate=True)
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9)]
-    expected = Engine(model, compile=False, transpose_weights=False).generate(prompts, 12)
-    torch._dynamo.reset()
-    try:
-        engine = Engine(model, compile=True)
-        assert engine.generate(prompts, 12) == expected
-        assert engine._step is not None and engine._skip_guards  # compiled, and no step needed a new graph
-    finally:
-        torch._dynamo.reset()
-
-
-@pytest.mark.cuda
-def test_compiled_cuda_decode_matches_eager():
-    torch.manual_seed(0)
-    model = tiny_model(sliding_window=8, window_pattern="SL", n_layers=4).cuda()
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 12)]
-    eager = Engine(model, compile=False).generate(prompts, 40)
-    engine = Engine(model, compile=True)
-    assert engine.generate(prompts, 40) == eager
-    assert engine.generate(prompts, 40) == eager  # replayed graphs, reused cache
+def test_a_real_error_with_guards_skipped_is_raised(monkeypatch):
+    """An error that the retry with guards repeats is no guard problem: it propagates."""
+    calls = fake_compiler(monkeypatch, lambda calls: len(calls) >= 3)
+    engine = Engine(tiny_model(), compile=True)
+    with pytest.raises(RuntimeError, match="some failure"):
+        engine.generate([[1, 2, 3]], 8)
+    assert calls == [False, True, True, False]
 
 
 def test_hf_llama_greedy_generate_token_for_token():
@@ -298,6 +306,17 @@ def test_hf_llama_greedy_generate_token_for_token():
     got = generate(ours, [prompt[0].tolist()], 40)[0]
     assert got == expected
     assert len(set(expected)) > 5
+
+
+@pytest.mark.cuda
+def test_compiled_cuda_decode_matches_eager():
+    torch.manual_seed(0)
+    model = tiny_model(sliding_window=8, window_pattern="SL", n_layers=4).cuda()
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 12)]
+    eager = Engine(model, compile=False).generate(prompts, 40)
+    engine = Engine(model, compile=True)
+    assert engine.generate(prompts, 40) == eager
+    assert engine.generate(prompts, 40) == eager  # replayed graphs, reused cache
 
 
 def test_transposed_weight_storage_keeps_values_and_output():

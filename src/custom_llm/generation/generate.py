@@ -3,7 +3,8 @@
 Small functions in the style of gpt-fast: :func:`prefill` runs the prompt through the model and fills
 the KV cache; :func:`decode_one_token` runs one new token; :func:`~.sampling.sample` picks the next
 token. :class:`Engine` strings them together, keeps the cache for reuse and, on CUDA, compiles the
-decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA graphs). The
+decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA graphs; the
+compiled step itself lives in :mod:`.decode_step`). The
 readable reference, :func:`generate_without_cache`, recomputes the whole sequence every step; tests
 hold the engine to it.
 
@@ -14,17 +15,15 @@ Legend: B batch, T prompt time, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .decode_step import CompiledDecodeStep, compile_static
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 
 GREEDY = SamplingParams()
-log = logging.getLogger(__name__)
 
 
 def prefill(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -60,37 +59,9 @@ def store_weights_transposed(model: torch.nn.Module) -> None:
                 module.weight.data = module.weight.data.t().contiguous().t()  # (out, in), strides (1, out)
 
 
-# Inductor settings for the CPU decode step. ``freezing`` treats the weights as constants, which
-# lets inductor prepack them for its own C++ GEMM template (``max_autotune`` with the ``CPP``
-# backend only, so nothing is benchmarked at compile time): batch-1 matrix-vector products that
-# use every core and stream the weights about twice as fast as BLAS does here (2-core CPU, d=384,
-# 12.6M parameters: 5.1 ms per token against 10 ms eager).
-CPU_DECODE_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-
-
 def compile_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
     """:func:`decode_one_token`, compiled for static shapes: CUDA graphs on CUDA, frozen C++ on the CPU."""
-    if device.type == "cuda":
-        return torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(decode_one_token, dynamic=False)
-
-    def step(*args: Any) -> torch.Tensor:
-        # A config context, not torch.compile(options=...): measured, the options left the step at eager speed.
-        with inductor_config.patch(CPU_DECODE_INDUCTOR):
-            return compiled(*args)
-
-    return step
-
-
-def _guard_skipping() -> contextlib.AbstractContextManager:
-    """A context in which compiled code skips guards that cannot tell its compiled variants apart
-    (``set_stance(skip_guard_eval_unsafe=True)``); a no-op on a torch without that flag."""
-    try:
-        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-    except (AttributeError, TypeError):
-        return contextlib.nullcontext()
+    return compile_static(decode_one_token, device)
 
 
 class Engine:
@@ -100,8 +71,8 @@ class Engine:
     compiled step reads fixed-size cache buffers (``static_len`` slots for full-attention layers, by
     default the model's ``max_seq_len``), so it is traced once and then replayed: as a CUDA graph
     on CUDA; on the CPU as inductor C++ code with the weights frozen into prepacked matrix-vector
-    kernels (:func:`compile_decode_step`; the weights must not change afterwards). If compiling
-    fails (no C++ compiler, say), a warning is logged and decoding continues eagerly.
+    kernels (the weights must not change afterwards). Its lifecycle, the eager fallback when
+    compiling fails and the guard skip are :class:`~.decode_step.CompiledDecodeStep`'s.
     ``transpose_weights``: None (default) applies :func:`store_weights_transposed` to the model on
     the CPU when not compiling, where it speeds up eager decoding; True/False forces it.
     """
@@ -116,11 +87,7 @@ class Engine:
         self.static_len = static_len or model.config.max_seq_len
         self.has_full_attention = any(w is None for w in model.layer_windows)
         self.cache: Optional[KVCache] = None
-        self._step = None
-        self._step_worked = False
-        self._skip_guards = True  # turned off for good if a guard-skipped step ever needs a recompilation
-        if self.compile:
-            self._step = compile_decode_step(self.device)
+        self.step = CompiledDecodeStep(compile_decode_step(self.device), _eager_step) if self.compile else None
         # Inference tensors may not be updated outside inference mode, and compiled code runs the
         # cache updates itself: plain no_grad there.
         self._grad_mode = torch.no_grad if self.compile else torch.inference_mode
@@ -163,38 +130,12 @@ class Engine:
             yield token
             if step == max_new_tokens - 1:
                 break
-            if self._step is not None:
-                logits = self._compiled_step(cache, token.unsqueeze(1), time, checked=step > 0)
+            if self.step is not None:
+                # From the second step on, the inputs repeat the first step's: its guards need no re-check.
+                logits = self.step(self.model, cache, token.unsqueeze(1), time, inputs_seen=step > 0)
             else:
                 logits = decode_one_token(self.model, cache, token.unsqueeze(1), time, read_len=T + step + 1)
             time += 1
-
-    def _compiled_step(self, cache: KVCache, token: torch.Tensor, time: torch.Tensor, checked: bool) -> torch.Tensor:
-        """The compiled decode step; on its first failure to compile, warn and go eager for good.
-
-        ``checked``: an earlier step of this generation already ran with these same inputs (same
-        cache tensors and shapes; only the values of ``token`` and ``time`` differ), so dynamo's
-        guards, which check the model and inputs before every call (~0.4 ms a call on a 2-core CPU
-        for the 6-layer d=384 model, 8% of its step), are skipped.
-        """
-        skip = checked and self._skip_guards
-        try:
-            with _guard_skipping() if skip else contextlib.nullcontext():
-                logits = self._step(self.model, cache, token, time).clone()  # clone: a replay reuses its output
-        except Exception as error:  # noqa: BLE001 - any compiler failure; eager is always correct
-            if skip and "skip_guard_eval_unsafe" in str(error):  # the step needs a new graph after all
-                log.info("decode step: a recompilation was needed mid-generation; checking guards from now on")
-                self._skip_guards = False
-                return self._compiled_step(cache, token, time, checked)
-            if self._step_worked:
-                raise
-            first_line = str(error).strip().split("\n", 1)[0]  # dynamo appends advice on debug flags
-            log.warning("compiling the decode step failed (%s%s); decoding eagerly", type(error).__name__,
-                        f": {first_line}" if first_line else "")
-            self._step = None
-            return decode_one_token(self.model, cache, token, time, read_len=int(time) + 1)
-        self._step_worked = True
-        return logits
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
                  generator: Optional[torch.Generator] = None, eos_ids: Iterable[int] = (),
@@ -216,6 +157,11 @@ class Engine:
         rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]  # (B, N)
         stop = set(eos.tolist())
         return [_cut_at_eos(row, stop) for row in rows]
+
+
+def _eager_step(model: torch.nn.Module, cache: KVCache, token: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """The compiled step's eager fallback: :func:`decode_one_token` reading only the written slots."""
+    return decode_one_token(model, cache, token, time, read_len=int(time) + 1)
 
 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
