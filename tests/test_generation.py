@@ -200,7 +200,7 @@ def compiled_cpu_engine():
     model = tiny_model(sliding_window=4, window_pattern="SL", n_experts=4, moe_top_k=2, moe_ffn_dim=24,
                        n_shared_experts=1, shared_expert_gate=True)
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9)]
-    eager = Engine(model, compile=False, transpose_weights=False)
+    eager = Engine(model, compile=False)
     torch._dynamo.reset()
     engine = Engine(model, compile=True)
     compiled = engine.generate(prompts, 8)
@@ -324,11 +324,10 @@ def test_transposed_weight_storage_keeps_values_and_output():
     import copy
 
     from custom_llm.checkpoint_io import model_state_for_saving
-    from custom_llm.generation.generate import store_weights_transposed
 
     model = tiny_model(attn_bias=True)
     plain = copy.deepcopy(model)
-    store_weights_transposed(model)
+    engine = Engine(model, prepare_model=True)  # on the CPU, not compiling: weights stored transposed
     q = model.layers[0].self_attn.q_proj.weight
     assert q.stride() == (1, q.shape[0]) and q.t().is_contiguous()
     assert model.lm_head.weight.t().is_contiguous()
@@ -336,5 +335,25 @@ def test_transposed_weight_storage_keeps_values_and_output():
     assert saved.keys() == reference.keys()
     assert all(torch.equal(saved[k], reference[k]) and saved[k].is_contiguous() for k in saved)
     prompt = [3, 1, 4, 1, 5, 9]
-    assert Engine(model).generate([prompt], 20) == Engine(plain, transpose_weights=False).generate([prompt], 20)
-    assert not plain.lm_head.weight.t().is_contiguous()  # the switch really turned it off
+    assert engine.generate([prompt], 20) == Engine(plain).generate([prompt], 20)
+    assert not plain.lm_head.weight.t().is_contiguous()  # the default left the model alone
+
+
+def test_engine_leaves_the_model_alone_unless_asked():
+    """By default the engine neither re-lays out weights nor switches modes: a training-mode model is an
+    error (it would decode with dropout); prepare_model=True is the explicit way to do both in place."""
+    model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, dropout=0.1))
+    strides = [p.stride() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"eval mode.*model.eval\(\)"):
+        Engine(model)
+    assert model.training and [p.stride() for p in model.parameters()] == strides
+    Engine(model, prepare_model=True)
+    assert not model.training and [p.stride() for p in model.parameters()] != strides
+
+
+def test_one_shot_generate_runs_in_eval_mode_and_restores_the_mode():
+    model = tiny_model(dropout=0.5).train()
+    strides = [p.stride() for p in model.parameters()]
+    got = generate(model, [[1, 2, 3]], 10)
+    assert model.training and [p.stride() for p in model.parameters()] == strides
+    assert got[0] == generate_without_cache(model.eval(), [1, 2, 3], 10)

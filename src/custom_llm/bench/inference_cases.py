@@ -40,7 +40,7 @@ def decode(ctx: Context) -> Result:
     n = s.decode_new_tokens
     model, hf = _models(ctx, max(s.dense["max_seq_len"], s.decode_prompt + n))
     prompt = _prompt(model.config.vocab_size, s.decode_prompt, device, ctx.seed)
-    engine = Engine(model, compile=ctx.compile)
+    engine = Engine(model, compile=ctx.compile, prepare_model=True)  # eager CPU: weights stored transposed
     outputs: dict[str, list[int]] = {}
 
     def ours() -> None:

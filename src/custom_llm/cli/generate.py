@@ -102,7 +102,9 @@ def run_generate(args) -> int:
         from ..generation.quant import quantize_model
 
         quantize_model(model, args.quantize, args.group_size)
-    engine = _speculative_engine(model, tokenizer, args) if args.draft else Engine(model, compile=args.compile)
+    # prepare_model: eval() and, for eager CPU decoding, weights stored transposed (faster matrix-vector products)
+    engine = (_speculative_engine(model, tokenizer, args) if args.draft
+              else Engine(model, compile=args.compile, prepare_model=True))
     interactive = prompt_text is None
     for text in _prompts(prompt_text):
         try:

@@ -73,17 +73,25 @@ class Engine:
     on CUDA; on the CPU as inductor C++ code with the weights frozen into prepacked matrix-vector
     kernels (the weights must not change afterwards). Its lifecycle, the eager fallback when
     compiling fails and the guard skip are :class:`~.decode_step.CompiledDecodeStep`'s.
-    ``transpose_weights``: None (default) applies :func:`store_weights_transposed` to the model on
-    the CPU when not compiling, where it speeds up eager decoding; True/False forces it.
+
+    ``prepare_model``: False (default) uses the model as given and never changes it; it must be in
+    eval mode. True changes the caller's model in place for decoding speed: ``model.eval()`` and,
+    on the CPU when not compiling, :func:`store_weights_transposed` (faster eager matrix-vector
+    products). ``custom-llm generate`` and the decode benchmark pass True.
     """
 
     def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None,
-                 transpose_weights: Optional[bool] = None):
-        self.model = model.eval()
+                 prepare_model: bool = False):
+        self.model = model
         self.device = model.embed_tokens.weight.device
         self.compile = self.device.type == "cuda" if compile is None else compile
-        if (self.device.type == "cpu" and not self.compile) if transpose_weights is None else transpose_weights:
-            store_weights_transposed(model)
+        if prepare_model:
+            model.eval()
+            if self.device.type == "cpu" and not self.compile:
+                store_weights_transposed(model)
+        elif model.training:
+            raise ValueError("Engine needs a model in eval mode (dropout, LayerDrop and noisy gating are for "
+                             "training): call model.eval() first, or pass prepare_model=True")
         self.static_len = static_len or model.config.max_seq_len
         self.has_full_attention = any(w is None for w in model.layer_windows)
         self.cache: Optional[KVCache] = None
@@ -167,8 +175,14 @@ def _eager_step(model: torch.nn.Module, cache: KVCache, token: torch.Tensor, tim
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: SamplingParams = GREEDY, generator: Optional[torch.Generator] = None,
              eos_ids: Iterable[int] = (), compile: Optional[bool] = False) -> list[list[int]]:
-    """One-shot :meth:`Engine.generate` (no compilation unless asked: a compile pays off over many calls)."""
-    return Engine(model, compile=compile).generate(prompts, max_new_tokens, params, generator, eos_ids)
+    """One-shot :meth:`Engine.generate`, in eval mode (the model's mode is restored afterwards; its weights are
+    left alone); no compilation unless asked: a compile pays off over many calls."""
+    training = model.training
+    model.eval()
+    try:
+        return Engine(model, compile=compile).generate(prompts, max_new_tokens, params, generator, eos_ids)
+    finally:
+        model.train(training)
 
 
 @torch.inference_mode()
