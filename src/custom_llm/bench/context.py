@@ -49,10 +49,9 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, device: torch.device
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer both sides use: AdamW, fused where torch has the kernel (CUDA; CPU since torch 2.4),
     else foreach, as the trainer picks (and as transformers' Trainer defaults to on torch >= 2.8)."""
-    try:
-        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
+    from ..training.optim import make_adamw
+
+    return make_adamw(model.parameters(), device, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
