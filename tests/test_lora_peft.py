@@ -107,25 +107,32 @@ def test_mismatched_adapter_is_a_user_error(tmp_path):
         load_adapter(_tiny(d_model=64), tmp_path)
 
 
-def test_lora_checkpoint_loads_merged_and_exports_merged_or_with_the_adapter(tmp_path, capsys):
+@pytest.mark.parametrize("layout, tied", [("wrapped", True), ("wrapped", False), ("peft-files", True)])
+def test_lora_checkpoint_loads_merged_and_exports_merged_or_with_the_adapter(layout, tied, tmp_path):
+    """Fine-tuning saves the wrapped model (base, adapters, their scale, trained rows); a base checkpoint
+    with PEFT's two files beside it works too."""
     from custom_llm.api import load_model
-    from custom_llm.checkpoint_io import save_model
-    from custom_llm.cli import main
+    from custom_llm.checkpoint_io import model_state_for_saving, save_model
+    from custom_llm.interop.peft import export_lora_checkpoint
     from custom_llm.model.lora import base_state_dict
 
-    base = _tiny()
-    ours = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, targets=ALL))
+    base = _tiny(tie_embeddings=tied)
+    rows = [60, 63] if layout == "wrapped" else []
+    ours = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, targets=ALL), rows)
     _randomize(ours)
     ckpt = tmp_path / "ckpt"
-    save_model(base, ckpt)
-    save_adapter(ours, LoRAConfig(r=4, alpha=8, targets=ALL), ckpt)
-    assert base_state_dict(ours).keys() == base.state_dict().keys()
+    if layout == "wrapped":
+        save_model(ours, ckpt)
+    else:
+        save_model(base, ckpt)
+        save_adapter(ours, LoRAConfig(r=4, alpha=8, targets=ALL), ckpt)
+    assert set(base_state_dict(ours)) - ({"lm_head.weight"} if tied else set()) == set(model_state_for_saving(base))
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         expected = ours(ids)
         torch.testing.assert_close(load_model(ckpt)(ids), expected, atol=2e-5, rtol=1e-4)
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "split")]) == 0
+    export_lora_checkpoint(ckpt, tmp_path / "merged", merge=True)
+    export_lora_checkpoint(ckpt, tmp_path / "split", merge=False)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     split = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "split"), tmp_path / "split" / "adapter").eval()

@@ -33,10 +33,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
     if quantization_of(directory):
         return load_quantized(directory, device=device, dtype=dtype)
-    model = load_checkpoint_model(directory, device=device, dtype=dtype)
-    from .interop.peft import has_adapter, load_merged  # a LoRA fine-tune: its adapter folded in
+    from .interop.peft import is_lora_checkpoint, load_lora_checkpoint  # a LoRA fine-tune: adapters folded in
 
-    return load_merged(model, directory) if has_adapter(directory) else model
+    if is_lora_checkpoint(directory):
+        return load_lora_checkpoint(directory, device=device, dtype=dtype)
+    return load_checkpoint_model(directory, device=device, dtype=dtype)
 
 
 def load_tokenizer(path: str | Path):

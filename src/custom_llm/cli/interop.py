@@ -38,10 +38,10 @@ def run_export(args: argparse.Namespace) -> int:
         return 0
     from ..checkpoint_io import resolve_checkpoint_dir
     from ..interop import export_hf
-    from ..interop.peft import export_lora_checkpoint, has_adapter
+    from ..interop.peft import export_lora_checkpoint, is_lora_checkpoint
 
     ckpt = resolve_checkpoint_dir(args.ckpt)
-    if has_adapter(ckpt):  # a LoRA fine-tune (custom-llm finetune --lora.r ...)
+    if is_lora_checkpoint(ckpt):  # a LoRA fine-tune (custom-llm finetune --lora.r ...)
         out = export_lora_checkpoint(ckpt, args.out, merge=args.merge_lora, dtype=args.dtype)
     else:
         out = export_hf(args.ckpt, args.out, dtype=args.dtype)

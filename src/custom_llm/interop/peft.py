@@ -126,7 +126,7 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path]) -> nn.Module:
     except Exception as exc:  # safetensors raises its own error types for a bad file
         raise UserError(f"{adapter_dir / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from None
     tensors = {k.replace(".default.", ".").replace(".default", ""): v for k, v in tensors.items()}
-    apply_lora(model, lora, indices)
+    apply_lora(model, lora, indices, head_rows="lm_head" in tokens)
     expected = {}
     for name, module in lora_modules(model).items():
         key = PREFIX + hf_module_name(name)
@@ -151,32 +151,67 @@ def load_adapter(model: nn.Module, adapter_dir: Union[str, Path]) -> nn.Module:
     return model
 
 
-def has_adapter(folder: Union[str, Path]) -> bool:
-    """True when ``folder`` holds a PEFT adapter (a LoRA fine-tune's checkpoint does, beside its base weights)."""
-    return (Path(folder) / CONFIG_FILE).is_file()
+def is_lora_checkpoint(folder: Union[str, Path]) -> bool:
+    """True for a LoRA fine-tune's checkpoint: adapter tensors in its weights, or a PEFT adapter beside them."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file():
+        return True
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            return any(key.endswith(".lora_A.weight") for key in handle.keys())
+    except Exception:  # an unreadable file is the regular loader's error to report
+        return False
 
 
-def load_merged(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
-    """``model`` with the adapter of ``folder`` folded into its weights (for inference)."""
-    return merge_lora(load_adapter(model, folder))
+def load_lora_checkpoint(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                         dtype: Optional[torch.dtype] = None, merge: bool = True) -> nn.Module:
+    """The model of a LoRA checkpoint with its adapters (folded into the weights unless ``merge`` is False).
+
+    Two layouts: the one fine-tuning writes (``model.safetensors`` holds the wrapped model: base weights,
+    adapters and their scale), or plain base weights with a PEFT adapter folder's two files beside them.
+    """
+    from safetensors.torch import load_file
+
+    from ..checkpoint_io import build_model, load_checkpoint_model, load_state_into, read_model_config
+    from ..model.lora import lora_from_state, strip_adapters
+
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for missing or corrupt files
+        raise UserError(f"cannot read {weights}: {exc}") from None
+    if any(key.endswith(".lora_A.weight") for key in state):
+        lora, indices = lora_from_state(state)
+        model = build_model(read_model_config(folder), strip_adapters(state), str(weights))
+        apply_lora(model, lora, indices, head_rows="lm_head.trainable_tokens_delta" in state)
+        load_state_into(model, state, str(weights))
+    else:
+        model = load_adapter(load_checkpoint_model(folder), folder)
+    model = merge_lora(model) if merge else model
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
 def export_lora_checkpoint(ckpt_dir: Union[str, Path], out_dir: Union[str, Path], merge: bool,
                            dtype: Optional[str] = None) -> Path:
     """Export a LoRA fine-tune: merged weights, or the base model plus ``OUT/adapter`` in PEFT's format."""
-    import shutil
-
-    from ..checkpoint_io import load_checkpoint_model
+    from ..checkpoint_io import build_model, read_model_config
+    from ..model.lora import base_state_dict, lora_from_state
     from ..tokenizers import load_tokenizer
     from .hf import export_hf
 
     ckpt_dir = Path(ckpt_dir)
-    model = load_checkpoint_model(ckpt_dir)
+    model = load_lora_checkpoint(ckpt_dir, merge=False)
     tokenizer = load_tokenizer(ckpt_dir) if (ckpt_dir / "tokenizer.json").is_file() else None
     if merge:
-        return export_hf(load_merged(model, ckpt_dir), out_dir, tokenizer=tokenizer, dtype=dtype)
-    out = export_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype)
-    (out / "adapter").mkdir()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copyfile(ckpt_dir / name, out / "adapter" / name)
+        return export_hf(merge_lora(model), out_dir, tokenizer=tokenizer, dtype=dtype)
+    base = build_model(read_model_config(ckpt_dir), base_state_dict(model), str(ckpt_dir))
+    out = export_hf(base, out_dir, tokenizer=tokenizer, dtype=dtype)
+    lora, _ = lora_from_state(model.state_dict())
+    save_adapter(model, lora, out / "adapter")
     return out

@@ -70,8 +70,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base_layer
-        self.scaling = alpha / r
         device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        # Kept as a (saved) buffer so that a checkpoint of the wrapped model describes itself.
+        self.register_buffer("lora_scaling", torch.tensor(alpha / r, dtype=torch.float32, device=device))
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -85,11 +86,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, O)."""
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.lora_scaling
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense matrix (O, C): scaling * B @ A."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.lora_scaling.float()
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -107,32 +108,40 @@ class TrainableRows(nn.Module):
     """An embedding or LM head whose rows ``token_indices`` are trainable copies (PEFT's trainable tokens).
 
     ``weight`` is the frozen base matrix with those rows replaced, so both ``forward`` and code that
-    reads ``.weight`` (the fused loss) see the trained rows. A tied head shares the embedding's rows.
+    reads ``.weight`` (the fused loss) see the trained rows. A tied head shares the embedding's rows
+    and matrix, and then holds neither in its own state (the tied matrix is saved once, as usual).
     """
 
     def __init__(self, base_layer: nn.Module, token_indices: Sequence[int], share_with: "TrainableRows" = None):
         super().__init__()
-        self.base_layer = base_layer
-        self.register_buffer("token_indices", torch.tensor(sorted(set(token_indices)), dtype=torch.long,
-                                                           device=base_layer.weight.device), persistent=False)
+        indices = torch.tensor(sorted(set(token_indices)), dtype=torch.long, device=base_layer.weight.device)
+        self.is_embedding = isinstance(base_layer, nn.Embedding)
         if share_with is None:
-            self.trainable_tokens_delta = nn.Parameter(base_layer.weight.detach()[self.token_indices].clone())
+            self.base_layer = base_layer
+            self.register_buffer("token_indices", indices)
+            self.trainable_tokens_delta = nn.Parameter(base_layer.weight.detach()[indices].clone())
             self._shared: List[TrainableRows] = []
         else:
             self._shared = [share_with]  # a list keeps it out of this module's parameters and state dict
 
     @property
+    def source(self) -> "TrainableRows":
+        """The module that owns the base matrix and the trained rows (itself, or the tied embedding's)."""
+        return self._shared[0] if self._shared else self
+
+    @property
     def rows(self) -> torch.Tensor:
         """The trained rows (N, C)."""
-        return self._shared[0].trainable_tokens_delta if self._shared else self.trainable_tokens_delta
+        return self.source.trainable_tokens_delta
 
     @property
     def weight(self) -> torch.Tensor:
         """The base matrix with the trained rows in place (V, C)."""
-        return self.base_layer.weight.index_copy(0, self.token_indices, self.rows.to(self.base_layer.weight.dtype))
+        src = self.source
+        return src.base_layer.weight.index_copy(0, src.token_indices, src.rows.to(src.base_layer.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.base_layer, nn.Embedding):
+        if self.is_embedding:
             return F.embedding(x, self.weight)  # (B, T) -> (B, T, C)
         return F.linear(x, self.weight)  # (B, T, C) -> (B, T, V)
 
@@ -140,6 +149,18 @@ class TrainableRows(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """The full matrix to write back into a plain layer."""
         return self.weight.detach().clone()
+
+
+def lora_from_state(state: Dict[str, torch.Tensor]) -> Tuple[LoRAConfig, List[int]]:
+    """The LoRA settings and trained token ids a wrapped model's state dict was made with (for loading)."""
+    names = [k for k in state if k.endswith(".lora_A.weight")]
+    if not names:
+        raise ValueError("no LoRA tensors in this state dict")
+    r = state[names[0]].shape[0]
+    scaling = float(state[names[0].replace("lora_A.weight", "lora_scaling")])
+    targets = sorted({k.split(".")[-3] for k in names})
+    indices = state.get("embed_tokens.token_indices")
+    return LoRAConfig(r=r, alpha=scaling * r, targets=targets), ([] if indices is None else indices.tolist())
 
 
 def lora_targets(model: nn.Module, targets: Sequence[str]) -> Iterator[Tuple[str, nn.Linear]]:
@@ -155,8 +176,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, trainable_token_indices: Sequence[int] = ()) -> nn.Module:
-    """Freeze ``model``, wrap its target linears in :class:`LoRALinear`, optionally train some token rows."""
+def apply_lora(model: nn.Module, config: LoRAConfig, trainable_token_indices: Sequence[int] = (),
+               head_rows: bool = True) -> nn.Module:
+    """Freeze ``model``, wrap its target linears in :class:`LoRALinear`, optionally train some token rows
+    (of the embedding, and of an untied LM head unless ``head_rows`` is False; a tied head follows)."""
     for p in model.parameters():
         p.requires_grad_(False)
     found = list(lora_targets(model, config.targets))
@@ -168,7 +191,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, trainable_token_indices: Se
         tied = model.lm_head.weight is model.embed_tokens.weight
         embed = TrainableRows(model.embed_tokens, trainable_token_indices)
         model.embed_tokens = embed
-        model.lm_head = TrainableRows(model.lm_head, trainable_token_indices, share_with=embed if tied else None)
+        if tied or head_rows:
+            model.lm_head = TrainableRows(model.lm_head, trainable_token_indices, share_with=embed if tied else None)
     return model
 
 
@@ -179,9 +203,15 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def base_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The frozen base model's tensors under their plain names (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    return strip_adapters(model.state_dict())
+
+
+def strip_adapters(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A wrapped model's state dict reduced to the base model's tensors under their plain names."""
     out = {}
-    for name, tensor in model.state_dict().items():
-        if ".lora_A." in name or ".lora_B." in name or name.endswith("trainable_tokens_delta"):
+    for name, tensor in state.items():
+        if any(part in name for part in (".lora_A.", ".lora_B.", "lora_scaling", "trainable_tokens_delta",
+                                         "token_indices")):
             continue
         out[name.replace(".base_layer.", ".").replace("base_layer.", "")] = tensor
     return out
@@ -200,10 +230,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
             _replace(model, name, module.merged())
     rows = [(n, m) for n, m in ((n, getattr(model, n, None)) for n in ("embed_tokens", "lm_head"))
             if isinstance(m, TrainableRows)]
-    for name, module in rows:
+    owners = [(name, module) for name, module in rows if not module._shared]
+    for name, module in owners:
         module.base_layer.weight.data.copy_(module.merged_weight())
-    for name, module in rows:
+    for name, module in owners:
         setattr(model, name, module.base_layer)
     if rows and getattr(model.config, "tie_embeddings", False):
-        model.lm_head.weight = model.embed_tokens.weight
+        head = nn.Linear(model.embed_tokens.weight.shape[1], model.embed_tokens.weight.shape[0], bias=False,
+                         device="meta")
+        head.weight = model.embed_tokens.weight
+        model.lm_head = head
     return model
