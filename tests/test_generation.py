@@ -9,7 +9,7 @@ import torch
 
 from custom_llm import ModelConfig, Transformer
 from custom_llm.generation import (Engine, KVCache, SamplingParams, decode_one_token, generate,
-                                   generate_without_cache, prefill)
+                                   generate_without_cache, prefill, sample)
 
 VOCAB = 64
 
@@ -226,6 +226,71 @@ def test_compiled_cpu_decode_replays_with_guards_skipped(compiled_cpu_engine):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs and engine.step.skip_guards
 
 
+def counting_compiler(monkeypatch, seen_inputs=None):
+    """Make the engine compile with a graph-counting backend (no code generation: fast); returns the counter.
+
+    ``seen_inputs`` collects (batch rows, address of layer 0's key buffer) of every compiled call."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(decode_one_token, backend=counter, dynamic=False)
+
+    def step(model, cache, token, time):
+        if seen_inputs is not None:
+            seen_inputs.add((token.shape[0], cache.keys[0].data_ptr()))
+        return compiled(model, cache, token, time)
+
+    monkeypatch.setattr(GENERATE_MODULE, "compile_decode_step", lambda device: step)
+    torch._dynamo.reset()
+    return counter
+
+
+def test_alternating_batch_sizes_keep_their_caches_and_graphs(monkeypatch):
+    """Batch sizes 1, 2, 1, 2 (a server's pattern) reuse one cache and one graph per bucket: no rebuilt
+    cache (CUDA graphs need the same buffers at the same addresses) and no recompilation."""
+    seen_inputs = set()
+    counter = counting_compiler(monkeypatch, seen_inputs)
+    model = tiny_model(sliding_window=4, window_pattern="SL")
+    engine, eager = Engine(model, compile=True), Engine(model, compile=False)
+    batches = {1: [[5, 6, 7]], 2: [[1, 2, 3, 4], [9]], 3: [[4], [8, 8], [1, 5, 2]], 4: [[3], [1, 4], [1, 5], [9, 2, 6]]}
+    try:
+        caches = {}
+        for size in (1, 2, 1, 2):
+            assert engine.generate(batches[size], 6) == eager.generate(batches[size], 6)
+            caches.setdefault(size, engine.cache)
+            assert engine.cache is caches[size]
+        assert counter.frame_count == 2 and sorted(engine.caches) == [1, 2]
+        assert len(seen_inputs) == 2  # one key buffer per bucket, at one address
+        for size in (3, 4, 3):  # 3 rows run in the bucket of 4 (a dummy row), 4 rows too
+            assert engine.generate(batches[size], 6) == eager.generate(batches[size], 6)
+        assert counter.frame_count == 3 and sorted(engine.caches) == [1, 2, 4] and len(seen_inputs) == 3
+        assert engine.step.skip_guards
+    finally:
+        torch._dynamo.reset()
+
+
+def test_batch_buckets():
+    from custom_llm.generation.generate import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 33, 64, 65, 128, 130)] == \
+        [1, 2, 4, 4, 8, 8, 16, 64, 64, 128, 128, 192]
+
+
+def test_dummy_rows_leave_sampling_of_the_real_rows_alone():
+    """Three prompts run in a bucket of four; the dummy row draws no random numbers, so the sampled tokens
+    are those of a full-forward loop that samples exactly the three rows from the same generator."""
+    model = tiny_model()
+    params = SamplingParams(temperature=1.0, top_k=20)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]  # equal lengths: the batch needs no left padding
+    got = generate(model, prompts, 10, params, torch.Generator().manual_seed(3))
+    ids, generator = torch.tensor(prompts), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(10):
+            token = sample(model(ids)[:, -1], params, generator)  # (3,): exactly the real rows' draws
+            ids = torch.cat((ids, token.unsqueeze(1)), dim=1)
+    assert got == ids[:, 3:].tolist()
+
+
 def test_failed_compile_warns_and_decodes_eagerly(monkeypatch, caplog):
     def broken_compiler(device):
         def step(*args):
@@ -308,17 +373,6 @@ def test_hf_llama_greedy_generate_token_for_token():
     assert len(set(expected)) > 5
 
 
-@pytest.mark.cuda
-def test_compiled_cuda_decode_matches_eager():
-    torch.manual_seed(0)
-    model = tiny_model(sliding_window=8, window_pattern="SL", n_layers=4).cuda()
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 12)]
-    eager = Engine(model, compile=False).generate(prompts, 40)
-    engine = Engine(model, compile=True)
-    assert engine.generate(prompts, 40) == eager
-    assert engine.generate(prompts, 40) == eager  # replayed graphs, reused cache
-
-
 def test_transposed_weight_storage_keeps_values_and_output():
     """The CPU decode layout changes memory order only: same parameters, same tokens, same checkpoint."""
     import copy
@@ -357,3 +411,37 @@ def test_one_shot_generate_runs_in_eval_mode_and_restores_the_mode():
     got = generate(model, [[1, 2, 3]], 10)
     assert model.training and [p.stride() for p in model.parameters()] == strides
     assert got[0] == generate_without_cache(model.eval(), [1, 2, 3], 10)
+
+
+@pytest.mark.cuda
+def test_compiled_cuda_decode_matches_eager():
+    torch.manual_seed(0)
+    model = tiny_model(sliding_window=8, window_pattern="SL", n_layers=4).cuda()
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 12)]
+    eager = Engine(model, compile=False).generate(prompts, 40)
+    engine = Engine(model, compile=True)
+    assert engine.generate(prompts, 40) == eager
+    assert engine.generate(prompts, 40) == eager  # replayed graphs, reused cache
+
+
+@pytest.mark.cuda
+def test_compiled_cuda_decode_alternating_batch_sizes_records_no_new_graphs():
+    """Batch sizes 1, 2, 1, 2: after the first 1 and 2, no new dynamo graph and no new CUDA graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = tiny_model(sliding_window=8, window_pattern="SL", n_layers=4).cuda()
+    batches = {1: [[5, 6, 7]], 2: [[1, 2, 3, 4], [9]]}
+    eager = Engine(model, compile=False)
+    torch._dynamo.reset()
+    engine = Engine(model, compile=True)
+    try:
+        for size in (1, 2):
+            assert engine.generate(batches[size], 12) == eager.generate(batches[size], 12)
+        graphs, recorded = counters["stats"]["unique_graphs"], dict(counters["inductor"])
+        for size in (1, 2, 1, 2):
+            assert engine.generate(batches[size], 12) == eager.generate(batches[size], 12)
+        assert counters["stats"]["unique_graphs"] == graphs and dict(counters["inductor"]) == recorded
+        assert not counters["inductor"]["cudagraph_skips"] and engine.step.skip_guards
+    finally:
+        torch._dynamo.reset()

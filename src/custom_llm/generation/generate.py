@@ -2,9 +2,9 @@
 
 Small functions in the style of gpt-fast: :func:`prefill` runs the prompt through the model and fills
 the KV cache; :func:`decode_one_token` runs one new token; :func:`~.sampling.sample` picks the next
-token. :class:`Engine` strings them together, keeps the cache for reuse and, on CUDA, compiles the
-decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA graphs; the
-compiled step itself lives in :mod:`.decode_step`). The
+token. :class:`Engine` strings them together, keeps a cache per batch-size bucket for reuse and, on
+CUDA, compiles the decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA
+graphs; the compiled step itself lives in :mod:`.decode_step`). The
 readable reference, :func:`generate_without_cache`, recomputes the whole sequence every step; tests
 hold the engine to it.
 
@@ -64,20 +64,41 @@ def compile_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return compile_static(decode_one_token, device)
 
 
+# Batch sizes up to this are rounded up to a power of two; larger ones to a multiple of it.
+# It is also the most tokens for which compiled MoE decoding takes the static-shape path.
+BATCH_BUCKET_LIMIT = 64
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The cache batch size a batch of ``batch_size`` rows runs in: 1, 2, 4, ..., 64, then multiples of 64."""
+    if batch_size <= BATCH_BUCKET_LIMIT:
+        return 1 << (batch_size - 1).bit_length()
+    return -(-batch_size // BATCH_BUCKET_LIMIT) * BATCH_BUCKET_LIMIT
+
+
 class Engine:
-    """Generates from one model, reusing its KV cache (and compiled decode step) across calls.
+    """Generates from one model, reusing its KV caches (and compiled decode step) across calls.
 
     ``compile``: None (default) compiles the decode step on CUDA only; True/False forces it. The
     compiled step reads fixed-size cache buffers (``static_len`` slots for full-attention layers, by
-    default the model's ``max_seq_len``), so it is traced once and then replayed: as a CUDA graph
-    on CUDA; on the CPU as inductor C++ code with the weights frozen into prepacked matrix-vector
-    kernels (the weights must not change afterwards). Its lifecycle, the eager fallback when
-    compiling fails and the guard skip are :class:`~.decode_step.CompiledDecodeStep`'s.
+    default the model's ``max_seq_len``), so it is traced once per cache shape and then replayed: as
+    a CUDA graph on CUDA; on the CPU as inductor C++ code with the weights frozen into prepacked
+    matrix-vector kernels (the weights must not change afterwards). Its lifecycle, the eager
+    fallback when compiling fails and the guard skip are :class:`~.decode_step.CompiledDecodeStep`'s.
 
     ``prepare_model``: False (default) uses the model as given and never changes it; it must be in
     eval mode. True changes the caller's model in place for decoding speed: ``model.eval()`` and,
     on the CPU when not compiling, :func:`store_weights_transposed` (faster eager matrix-vector
     products). ``custom-llm generate`` and the decode benchmark pass True.
+
+    Batch sizes: one cache per bucket of :func:`batch_bucket` (powers of two up to 64), kept for
+    the engine's life. A batch is padded up to its bucket with dummy rows (a one-token prompt) whose
+    outputs are dropped; sampling sees only the real rows, so each row's random stream is what it
+    would be without padding. So a compiled step has at most seven graphs for batches up to 64 (under
+    dynamo's default recompile limit of 8), and a server whose batch sizes alternate replays them
+    (CUDA graphs recorded once per bucket) instead of rebuilding a cache and recompiling at every
+    change; the price is up to 2x rows, cheap for decoding, which streams the weights once a step
+    whatever the batch. Eager decoding uses the same buckets, for one rule and cache reuse.
     """
 
     def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None,
@@ -94,19 +115,19 @@ class Engine:
                              "training): call model.eval() first, or pass prepare_model=True")
         self.static_len = static_len or model.config.max_seq_len
         self.has_full_attention = any(w is None for w in model.layer_windows)
-        self.cache: Optional[KVCache] = None
+        self.caches: dict[int, KVCache] = {}  # batch bucket -> its cache
+        self.cache: Optional[KVCache] = None  # the latest generation's cache
         self.step = CompiledDecodeStep(compile_decode_step(self.device), _eager_step) if self.compile else None
         # Inference tensors may not be updated outside inference mode, and compiled code runs the
         # cache updates itself: plain no_grad there.
         self._grad_mode = torch.no_grad if self.compile else torch.inference_mode
 
-    def _cache_for(self, batch_size: int, needed: int) -> KVCache:
-        """The cache to use: the previous one when it fits (a new one would trigger a recompile)."""
-        cache = self.cache
-        too_short = cache is not None and cache.has_full and cache.max_len < needed
-        if cache is None or cache.batch_size != batch_size or too_short:
+    def _cache_for(self, bucket: int, needed: int) -> KVCache:
+        """The bucket's cache: the one it had when that fits (a new one would mean a new graph)."""
+        cache = self.caches.get(bucket)
+        if cache is None or (cache.has_full and cache.max_len < needed):
             length = max(needed, self.static_len) if self.compile else needed
-            self.cache = cache = KVCache.for_model(self.model, batch_size, length)
+            cache = self.caches[bucket] = KVCache.for_model(self.model, bucket, length)
         return cache
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
@@ -121,28 +142,32 @@ class Engine:
 
     def _stream(self, prompts, max_new_tokens, params, generator):
         B, T = len(prompts), max(len(p) for p in prompts)
+        rows = batch_bucket(B)  # B real rows, then dummy rows up to the bucket
         device = self.device
-        pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
-        tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+        pad = torch.full((rows,), T - 1, device=device)  # (rows,) a dummy row is one token 0
+        pad[:B] = torch.tensor([T - len(p) for p in prompts], device=device)
+        tokens = torch.zeros(rows, T, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        cache = self._cache_for(B, T + max_new_tokens)
+        cache = self.cache = self._cache_for(rows, T + max_new_tokens)
         cache.reset(pad)
         seen = _seen_tokens(prompts, self.model.config.vocab_size, device) if params.repetition_penalty != 1 else None
-        logits = prefill(self.model, cache, tokens)
+        logits = prefill(self.model, cache, tokens)  # (rows, V)
         time = torch.full((1,), T, dtype=torch.long, device=device)
+        step_tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # dummy rows keep feeding 0
         for step in range(max_new_tokens):
-            token = sample(logits, params, generator, seen)  # (B,)
+            token = sample(logits[:B], params, generator, seen)  # (B,)
             if seen is not None:
                 seen.scatter_(1, token.unsqueeze(1), True)
             yield token
             if step == max_new_tokens - 1:
                 break
+            step_tokens[:B, 0] = token
             if self.step is not None:
                 # From the second step on, the inputs repeat the first step's: its guards need no re-check.
-                logits = self.step(self.model, cache, token.unsqueeze(1), time, inputs_seen=step > 0)
+                logits = self.step(self.model, cache, step_tokens, time, inputs_seen=step > 0)
             else:
-                logits = decode_one_token(self.model, cache, token.unsqueeze(1), time, read_len=T + step + 1)
+                logits = decode_one_token(self.model, cache, step_tokens, time, read_len=T + step + 1)
             time += 1
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams = GREEDY,
