@@ -33,13 +33,14 @@ CASES: dict[str, Callable[[Context], Result]] = {
     "grad_ckpt_memory": _case("train_cases", "grad_ckpt_memory"),
     "curriculum": _case("curriculum_case", "curriculum"),
     "shakespeare_char": _case("shakespeare_case", "shakespeare_char"),
+    "serve": _case("serve_case", "serve"),
     "optimizers": _case("optimizer_case", "optimizers"),
     "optimizers_tiny": _case("optimizer_case", "optimizers_tiny"),
 }
 """Every case, in the order they run."""
 
 DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shakespeare_char", "optimizers",
-                                                             "optimizers_tiny"))
+                                                             "optimizers_tiny", "serve"))
 """Cases run without ``--cases``; the two that train models to a loss run only when named."""
 
 
