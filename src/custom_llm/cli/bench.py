@@ -30,7 +30,8 @@ def register(sub) -> None:
                         help="torch CPU threads (default: torch's choice, one per core); 1 is steadier on a busy machine")
     parser.add_argument("--data", default=None,
                         help="tinyshakespeare.txt for the shakespeare_char case (default: ../shared/data beside the "
-                             "checkout or the working directory)")
+                             "checkout or the working directory); for the speculative case, a folder with target/ "
+                             "and draft/ checkpoints")
     parser.set_defaults(func=run)
 
 
