@@ -413,6 +413,43 @@ def test_one_shot_generate_runs_in_eval_mode_and_restores_the_mode():
     assert got[0] == generate_without_cache(model.eval(), [1, 2, 3], 10)
 
 
+def test_decode_precision_is_scoped_to_fp32_on_cuda():
+    """TF32 matmuls ("high") inside the context for fp32 on CUDA only; the caller's setting afterwards.
+    (The setting itself needs no GPU, so this runs anywhere.)"""
+    from custom_llm.generation.decode_step import decode_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with decode_precision(torch.device("cuda"), torch.float32):
+            assert torch.get_float32_matmul_precision() == "high"
+        assert torch.get_float32_matmul_precision() == "highest"
+        for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+            with decode_precision(torch.device(device), dtype):
+                assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_engine_sets_decode_precision_only_while_it_runs(monkeypatch):
+    """The forward passes run under the engine's precision; between tokens the caller's setting holds.
+    On the CPU the engine is told its device is CUDA for the precision choice only."""
+    from custom_llm.generation import decode_step
+
+    monkeypatch.setattr(GENERATE_MODULE, "decode_precision",
+                        lambda device, dtype: decode_step.decode_precision(torch.device("cuda"), dtype))
+    model = tiny_model()
+    inside = []
+    model.register_forward_hook(lambda *_: inside.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        between = [torch.get_float32_matmul_precision() for _ in Engine(model).stream([[1, 2]], 5)]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert inside == ["high"] * 5 and between == ["highest"] * 5
+
+
 @pytest.mark.cuda
 def test_compiled_cuda_decode_matches_eager():
     torch.manual_seed(0)

@@ -15,11 +15,12 @@ Legend: B batch, T prompt time, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .decode_step import CompiledDecodeStep, compile_static
+from .decode_step import CompiledDecodeStep, compile_static, decode_precision
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 
@@ -99,12 +100,16 @@ class Engine:
     (CUDA graphs recorded once per bucket) instead of rebuilding a cache and recompiling at every
     change; the price is up to 2x rows, cheap for decoding, which streams the weights once a step
     whatever the batch. Eager decoding uses the same buckets, for one rule and cache reuse.
+
+    fp32 weights on CUDA decode with TF32 matmuls, only while the engine's own code runs
+    (:func:`~.decode_step.decode_precision`).
     """
 
     def __init__(self, model: torch.nn.Module, *, compile: Optional[bool] = None, static_len: Optional[int] = None,
                  prepare_model: bool = False):
         self.model = model
         self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         if prepare_model:
             model.eval()
@@ -138,7 +143,13 @@ class Engine:
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        return self._grad_mode()(self._stream)(prompts, max_new_tokens, params, generator)
+        return _each_step_within(self._running, self._stream(prompts, max_new_tokens, params, generator))
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """What holds while the engine's own code runs: its grad mode and, fp32 on CUDA, TF32 matmuls."""
+        with self._grad_mode(), decode_precision(self.device, self.dtype):
+            yield
 
     def _stream(self, prompts, max_new_tokens, params, generator):
         B, T = len(prompts), max(len(p) for p in prompts)
@@ -195,6 +206,22 @@ class Engine:
 def _eager_step(model: torch.nn.Module, cache: KVCache, token: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
     """The compiled step's eager fallback: :func:`decode_one_token` reading only the written slots."""
     return decode_one_token(model, cache, token, time, read_len=int(time) + 1)
+
+
+def _each_step_within(context: Callable[[], contextlib.AbstractContextManager], steps: Iterator) -> Iterator:
+    """Run each resumption of the generator ``steps`` inside a fresh ``context()`` (grad mode, matmul
+    precision), so those settings hold while the engine works and never leak into the caller's code."""
+    try:
+        while True:
+            with context():
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        with context():
+            steps.close()
 
 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
