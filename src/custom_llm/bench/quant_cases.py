@@ -144,3 +144,61 @@ def _describe(model: torch.nn.Module) -> dict:
     c = model.config
     return {"d_model": c.d_model, "n_layers": len(model.layers), "vocab_size": c.vocab_size,
             "params": sum(p.numel() for p in model.parameters())}
+
+
+QUALITY_TOKENS = 16384  # predictions per variant and text (the quick sizes use 1024)
+
+
+def quant_quality(ctx: Context) -> Result:
+    """Perplexity of fp32 / int8 / int4 (groups 32, 64, 128) weights on held-out text; ratio int4-g32 / fp32.
+
+    Texts: the default corpus's validation documents (the training split's hash rule, 5%) and the last
+    10% of tinyshakespeare when it is found. The model: ``--data DIR``'s ``DIR/target`` checkpoint
+    (trained), else the bench's random model (whose perplexities only show the mechanics).
+    """
+    from ..api import load_model, load_tokenizer
+    from ..data import default_corpus_documents, split_documents
+    from ..generation.evaluate import evaluate_texts
+    from ..generation.quant import quantize_model
+    from .shakespeare_case import find_text
+
+    device = ctx.device
+    folder = Path(ctx.data) / "target" if ctx.data else None
+    if folder is None or not folder.exists():
+        raise_missing = ctx.quick
+        if not raise_missing:
+            from ..errors import UserError
+
+            raise UserError("quant_quality needs --data DIR with a trained DIR/target checkpoint")
+    float_model = load_model(folder, device=device) if folder is not None and folder.exists() else None
+    tokenizer = load_tokenizer(folder) if float_model is not None else None
+    if float_model is None:  # --quick smoke run: a random model and a character tokenizer
+        from ..tokenizers.char import CharTokenizer
+
+        tokenizer = CharTokenizer.train([chr(c) for c in range(32, 127)] + ["\n"])
+        float_model = build_model({**ctx.sizes.dense, "vocab_size": tokenizer.vocab_size + 28}, device, ctx.seed).eval()
+    budget = 1024 if ctx.quick else QUALITY_TOKENS
+    texts = {"default_corpus_val": [d.text for d in split_documents(default_corpus_documents(), 0.05)[1]]}
+    try:
+        shakespeare = find_text(None).read_text(encoding="utf-8")
+        texts["tinyshakespeare_last10pct"] = [shakespeare[int(len(shakespeare) * 0.9):]]
+    except Exception:  # noqa: BLE001 - the file is optional
+        pass
+    variants = [("fp32", None, 0), ("int8", "int8", 0), ("int4-g32", "int4", 32), ("int4-g64", "int4", 64),
+                ("int4-g128", "int4", 128)]
+    table: dict[str, dict[str, float]] = {}
+    for name, mode, group in variants:
+        if group and float_model.config.d_model % group:
+            continue  # a group wider than the quick model's rows
+        model = float_model if mode is None else quantize_model(copy.deepcopy(float_model).requires_grad_(False),
+                                                                 mode, group or 32)
+        for text_name, docs in texts.items():
+            result = evaluate_texts(model, tokenizer, docs, start_id=tokenizer.eos_id, seq_len=model.config.max_seq_len,
+                                    batch_size=8, max_tokens=budget)
+            table.setdefault(text_name, {})[name] = round(result.perplexity, 4)
+    main = table["default_corpus_val"]
+    config = {"model": _describe(float_model), "tokens_per_eval": budget, "perplexity": table,
+              "ppl_ratio_vs_fp32": {t: {k: round(v / row["fp32"], 4) for k, v in row.items()} for t, row in table.items()},
+              "head_quantized": True, "source": str(folder) if folder else "random model (--quick)",
+              "higher_is_better": False}
+    return Result("quant_quality", main["int4-g32"], main["fp32"], "perplexity", device.type, config)

@@ -32,6 +32,7 @@ CASES: dict[str, Callable[[Context], Result]] = {
     "decode_int8": _case("quant_cases", "decode_int8"),
     "decode_int4": _case("quant_cases", "decode_int4"),
     "speculative": _case("quant_cases", "speculative"),
+    "quant_quality": _case("quant_cases", "quant_quality"),
     "tokenize": _case("tokenize_case", "tokenize"),
     "grad_ckpt_memory": _case("train_cases", "grad_ckpt_memory"),
     "curriculum": _case("curriculum_case", "curriculum"),
@@ -43,7 +44,7 @@ CASES: dict[str, Callable[[Context], Result]] = {
 """Every case, in the order they run."""
 
 DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shakespeare_char", "optimizers",
-                                                             "optimizers_tiny", "serve"))
+                                                             "optimizers_tiny", "serve", "quant_quality"))
 """Cases run without ``--cases``; the two that train models to a loss run only when named."""
 
 
