@@ -241,6 +241,17 @@ class ChatBatches:
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
+    def set_shape(self, batch_size: int, seq_len: int) -> None:
+        """Rows per rank from the next batch on; ``seq_len`` must be the rows' (fixed when they were built)."""
+        if seq_len != self.rows.ids.shape[1] - 1:
+            raise ValueError(f"conversation rows hold {self.rows.ids.shape[1] - 1} tokens, not {seq_len}")
+        self.batch_size = int(batch_size)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per row fed to the model (T)."""
+        return self.rows.ids.shape[1] - 1
+
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 

@@ -103,8 +103,8 @@ def train_loop(parts: TrainingParts, run_dir: Path, dataset: Any, tokenizer: Any
             while state.step < tc.max_steps:
                 plan = plan_step(state, parts.mc, tc, rt.world_size)
                 parts.loader.set_shape(plan.rank_batch, plan.seq_len)
-                x, y = parts.loader.next_batch()  # (k * M, T): this rank's rows of the global batch
-                result = train_step(parts, plan, x, y, stops.requested())
+                x, y, *extra = parts.loader.next_batch()  # (k * M, T): this rank's rows of the global batch
+                result = train_step(parts, plan, x, y, stops.requested(), extra)
                 state, lr = after_step(state, plan, result), tc.lr * plan.lr_factor
                 row: dict = {}
                 if tc.eval_every and state.step % tc.eval_every == 0:
@@ -182,8 +182,9 @@ def _check_bad_steps(state: TrainState, result: StepResult, tc: TrainConfig, pre
 
 
 def _measure(parts: TrainingParts, dataset: Any, state: TrainState) -> dict:
-    """Measure validation loss now; record it in ``state.evals`` and return the row fields."""
-    val = evaluate(parts, dataset.val)
+    """Measure validation loss now (``dataset.evaluate(parts)`` when the dataset has its own, as fine-tuning's
+    masked loss over held-out conversations); record it in ``state.evals`` and return the row fields."""
+    val = dataset.evaluate(parts) if hasattr(dataset, "evaluate") else evaluate(parts, dataset.val)
     state.evals.append({"step": state.step, "tokens": state.tokens, "val_loss": val})
     return {"val_loss": val, "val_ppl": perplexity(val)}
 

@@ -40,20 +40,24 @@ class StepResult:
     """Per MoE layer that ran in the last micro-batch, the fraction of token-slots each expert got (E,)."""
 
 
-def train_step(parts: TrainingParts, plan: StepPlan, x: np.ndarray, y: np.ndarray, stop_requested: bool) -> StepResult:
-    """One optimizer step on this rank's rows x, y (k * M, T) at the plan's learning rate."""
+def train_step(parts: TrainingParts, plan: StepPlan, x: np.ndarray, y: np.ndarray, stop_requested: bool,
+               extra: tuple = ()) -> StepResult:
+    """One optimizer step on this rank's rows x, y (k * M, T) at the plan's learning rate. ``extra`` arrays
+    (k * M, T), such as fine-tuning's document ids, are split alike and passed to the loss module after y."""
     rt, tc, k, M = parts.rt, parts.tc, plan.micro_steps, plan.micro_batch
     for group in parts.optimizer.param_groups:
         group["lr"] = group["base_lr"] * plan.lr_factor
     x, y = torch.from_numpy(x), torch.from_numpy(y)
+    extra = [torch.from_numpy(e) for e in extra]
     lm_sum = torch.zeros((), device=rt.device)
     for i in range(k):
         xm = x[i * M:(i + 1) * M].to(rt.device, non_blocking=True)  # (M, T)
         ym = y[i * M:(i + 1) * M].to(rt.device, non_blocking=True)
+        em = [e[i * M:(i + 1) * M].to(rt.device, non_blocking=True) for e in extra]
         sync = i == k - 1 or not rt.distributed
         with nullcontext() if sync else parts.net.no_sync():
             with rt.autocast():
-                loss, lm_loss, expert_load = parts.net(xm, ym)
+                loss, lm_loss, expert_load = parts.net(xm, ym, *em)
             parts.scaler.scale(loss / k).backward()
         lm_sum += lm_loss.detach().float()
     packed = all_reduce_sum(torch.stack([lm_sum / k, torch.tensor(float(stop_requested), device=rt.device)]), rt)
