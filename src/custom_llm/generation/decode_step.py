@@ -54,14 +54,15 @@ class CompiledDecodeStep:
     Guard skipping. Before every call dynamo checks guards on the model and inputs (~0.4 ms a call
     on a 2-core CPU for the 6-layer d=384 model, 8% of its step). A caller that knows a call repeats
     an earlier call's inputs (the same cache tensors and shapes; only the values of the token and
-    time tensors differ) passes ``inputs_seen=True``, and the call skips them
-    (``set_stance(skip_guard_eval_unsafe=True)``). Should a step need a new graph all the same (a
-    model whose code specialises on data, say), torch refuses to compile with guards skipped and
-    raises; the step is then retried with guards on, and if that succeeds, guards stay on for good
-    (``skip_guards`` False). The retry decides, not the error's text: torch 2.13 raises a plain
-    ``RuntimeError`` from C++ for this, with no type or counter to tell it apart, and a real error
-    fails the retry too and propagates. Retrying is safe because a step's only side effect, writing
-    this token's keys and values into the cache, writes the same values to the same slots again.
+    time tensors differ) passes ``inputs_seen=True``, and once compiled the call skips them
+    (``set_stance(skip_guard_eval_unsafe=True)``: only the guards that tell the compiled variants
+    apart run). Should a step need a new graph all the same (a model whose code specialises on data,
+    say), torch refuses to compile with guards skipped and raises; the step is then retried with
+    guards on, and if that succeeds, guards stay on for good (``skip_guards`` False). The retry
+    decides, not the error's text: torch 2.13 raises a plain ``RuntimeError`` from C++ for this,
+    with no type or counter to tell it apart, and a real error fails the retry too and propagates.
+    Retrying is safe because a step's only side effect, writing this token's keys and values into
+    the cache, writes the same values to the same slots again.
     """
 
     def __init__(self, compiled: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor]):
@@ -74,7 +75,7 @@ class CompiledDecodeStep:
         """The step's output for ``args`` (compiled unless compiling failed)."""
         if self.state == "eager":
             return self.eager(*args)
-        if inputs_seen and self.skip_guards:
+        if inputs_seen and self.skip_guards and self.state == "compiled":
             try:
                 return self._run(args, skip_guards=True)
             except Exception:  # noqa: BLE001 - whatever it was, the retry with guards tells
