@@ -7,8 +7,9 @@ the trainer differ only in ``train.optimizer``:
 - AdamW with the preset's settings (the reference);
 - Lion at a third of the preset's lr and three times its weight decay, betas (0.9, 0.99), as Chen
   et al. 2023 advise when moving from AdamW;
-- Muon (Jordan et al. 2024) for the blocks' matrices at ``train.muon_lr`` etc. (the TrainConfig
-  defaults), AdamW at the preset's settings for the rest.
+- Muon (Jordan et al. 2024) for the blocks' matrices, AdamW for the rest: the settings of the
+  preset's ``-muon`` variant where there is one (``shakespeare-char-cpu-muon``), else the preset's
+  with the TrainConfig defaults ``muon_lr`` etc.
 
 The target is the worst of the three final validation losses, so every run reaches it; each run's
 tokens and wall time to first reach it come from its evaluation rows. ``ours`` is Muon's tokens to
@@ -39,13 +40,17 @@ from .core import Result, median, time_alternating
 OPTIMIZER_NAMES = ("adamw", "lion", "muon")
 
 
-def _overrides(name: str, preset_train: dict) -> dict:
-    """The train-config changes of one run: its optimizer, and Lion's rescaled lr and weight decay."""
+def _overrides(name: str, preset: str) -> dict:
+    """The train-config changes of one run: its optimizer; Lion's rescaled lr and weight decay; Muon's
+    settings from the preset's ``-muon`` variant where there is one."""
+    from ..training import TRAIN_PRESETS, TrainConfig
+
+    if name == "muon":
+        tuned = TRAIN_PRESETS.get(f"{preset}-muon", {})
+        return {"optimizer": "muon", **{k: v for k, v in tuned.items() if TRAIN_PRESETS[preset].get(k) != v}}
     if name != "lion":
         return {"optimizer": name}
-    from ..training import TrainConfig
-
-    base = TrainConfig(**{k: v for k, v in preset_train.items() if k != "curriculum"})
+    base = TrainConfig(**{k: v for k, v in TRAIN_PRESETS[preset].items() if k != "curriculum"})
     return {"optimizer": "lion", "lr": base.lr / 3, "weight_decay": 3 * base.weight_decay, "beta1": 0.9, "beta2": 0.99}
 
 
@@ -118,17 +123,15 @@ def _step_times(ctx: Context, preset: str, data: Optional[str], runs: dict[str, 
 
 def compare_optimizers(ctx: Context, preset: str, data: Optional[str], case: str) -> Result:
     """Train the preset with each optimizer (concurrently) and compare tokens and time to a common loss."""
-    from ..training import TRAIN_PRESETS
-
     overrides = {"device": ctx.device.type, "compile": ctx.compile, "seed": ctx.seed, "save_every": 0,
                  "time_limit": None, "keep_checkpoints": 1, "sample_tokens": 0}
     if preset == "tiny":  # denser, larger validation estimates than the preset's 4 x 8 sequences
         overrides.update(eval_every=40, eval_batches=16)
-    else:
-        overrides.update(eval_every=125)
+    else:  # 10 evaluations, each over the whole validation text (as the shakespeare_char case's final one)
+        overrides.update(eval_every=200)
     if ctx.quick:  # a smoke test of the machinery
         overrides.update(max_steps=12, eval_every=6, warmup_steps=2, eval_batches=2, curriculum=[])
-    runs = {name: {**overrides, **_overrides(name, TRAIN_PRESETS[preset])} for name in OPTIMIZER_NAMES}
+    runs = {name: {**overrides, **_overrides(name, preset)} for name in OPTIMIZER_NAMES}
     step_s = _step_times(ctx, preset, data, runs, 3 if ctx.quick else max(10, ctx.sizes.repeats * 5))
     threads = max(1, torch.get_num_threads() // len(runs))
     with tempfile.TemporaryDirectory(prefix="custom-llm-bench-optimizers-") as tmp:
