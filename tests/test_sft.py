@@ -131,3 +131,38 @@ def test_finetune_learns_the_answers_and_resumes_exactly(lora, tmp_path):
         for name, tensor in base_state_dict(straight.model).items():
             expected = grown.state_dict()[name]
             torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+
+
+def test_finetune_command_lora_then_chat_and_export(tmp_path, capsys, monkeypatch):
+    import io
+
+    from custom_llm.checkpoint_io import save_model
+    from custom_llm.cli import main
+
+    model, tokenizer = _char_model()
+    save_model(model, tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    path = _conversations(tmp_path / "c.jsonl", n=8)
+    common = ["--init", str(tmp_path / "base"), "--data", path, "--device", "cpu", "--precision", "fp32",
+              "--no-progress", "--train.batch_size", "4", "--samples", "1"]
+    assert main(["finetune", *common, "--out", str(tmp_path / "sft"), "--max-steps", "2", "--no-packing",
+                 "--lora.r", "4", "--lora.targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: Say apple" in out and "custom-llm chat --ckpt" in out
+    final = tmp_path / "sft" / "ckpt-2"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say river\n"))
+    assert main(["chat", "--ckpt", str(tmp_path / "sft"), "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 1
+    assert main(["export", "--ckpt", str(tmp_path / "sft"), "--out", str(tmp_path / "hf"), "--merge-lora"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["finetune", *common, "--out", str(tmp_path / "bad"), "--lora.targets", "embed"]) == 2
+    assert main(["finetune", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 2
+    (tmp_path / "junk.jsonl").write_text("not json\n{\"messages\": []}\n")
+    assert main(["finetune", *common[:2], "--data", str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "bad")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert [e.split(":")[0] for e in errors] == ["error"] * 3
+    assert "lora.targets" in errors[0] and "not found" in errors[1]
+    assert "no valid conversation" in errors[2] and "lines 1" in errors[2] and "lines 2" in errors[2]
