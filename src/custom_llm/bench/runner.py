@@ -40,12 +40,14 @@ CASES: dict[str, Callable[[Context], Result]] = {
     "serve": _case("serve_case", "serve"),
     "optimizers": _case("optimizer_case", "optimizers"),
     "optimizers_tiny": _case("optimizer_case", "optimizers_tiny"),
+    "eval_loglikelihood": _case("eval_case", "eval_loglikelihood"),
 }
 """Every case, in the order they run."""
 
-DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shakespeare_char", "optimizers",
-                                                             "optimizers_tiny", "serve", "quant_quality"))
-"""Cases run without ``--cases``; the two that train models to a loss run only when named."""
+DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shakespeare_char", "eval_loglikelihood",
+                                                             "optimizers", "optimizers_tiny", "serve", "quant_quality"))
+"""Cases run without ``--cases``; the two that train models to a loss, and the lm-eval one (it needs the
+lm-eval package), run only when named."""
 
 
 def resolve_device(name: str) -> torch.device:
