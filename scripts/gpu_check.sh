@@ -149,5 +149,6 @@ echo
 echo "== gpu_check summary ($OUT)"
 cat "$OUT/env.txt"
 cat "$SUMMARY"
+if [ "$MODE" = cpu ]; then echo "(CPU mode: tiny sizes on a CPU; the paths ran, the speeds are no measurement)"; fi
 echo "overall: $([ $overall = 0 ] && echo PASS || echo FAIL) ($passed of $ran steps passed)"
 exit $overall
