@@ -8,9 +8,10 @@ are stored once (``lm_head.weight`` is left out and re-tied on load).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from .fsutil import write_json
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
+log = logging.getLogger("custom_llm")
 
 
 def read_json(path: Path) -> Any:
@@ -125,17 +127,75 @@ def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
     return build_model(config, state, str(weights), device, dtype)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete ``ckpt-<step>`` directories of a run, oldest first (temporary leftovers ignored)."""
+def file_problem(path: Path) -> Optional[str]:
+    """What is wrong with one checkpoint file, or None: missing, empty, a JSON file that does not parse
+    to an object, a safetensors file whose header does not parse or whose data is cut short."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return None if isinstance(data, dict) and data else f"{path.name} holds no JSON object"
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if size < 8 or header_len > size - 8:
+                    return f"{path.name} is truncated (no complete header)"
+                header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return None if 8 + header_len + end <= size else f"{path.name} is truncated ({size} bytes)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        return f"{path.name} is unreadable ({type(exc).__name__})"
+    return None if size > 0 else f"{path.name} is empty"
+
+
+def checkpoint_problem(directory: Path, files: Sequence[str] = (CONFIG_FILE, WEIGHTS_FILE)) -> Optional[str]:
+    """The first problem of ``files`` in a checkpoint directory (see :func:`file_problem`), or None."""
+    for name in files:
+        problem = file_problem(Path(directory) / name)
+        if problem is not None:
+            return problem
+    return None
+
+
+def list_checkpoints(run_dir: Path, files: Sequence[str] = (CONFIG_FILE, WEIGHTS_FILE)) -> list[Path]:
+    """``ckpt-<step>`` directories of a run whose ``files`` are all whole, oldest first.
+
+    The one test of a complete checkpoint: readers need the config and weights, a resume adds the
+    trainer and optimizer state (training.checkpoint). A newer checkpoint that fails it is skipped
+    with a warning that says what is wrong with it; temporary leftovers of a save are ignored.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = []
     for child in run_dir.iterdir():
         match = CKPT_PATTERN.match(child.name)
-        if match and child.is_dir() and (child / CONFIG_FILE).is_file() and (child / WEIGHTS_FILE).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+    complete, skipped = [], []
+    for _, path in sorted(found):
+        problem = checkpoint_problem(path, files)
+        if problem is None:
+            complete.append(path)
+        else:
+            skipped.append((path, problem))
+    for path, problem in skipped:
+        newest = complete[-1] if complete else None
+        if (path, problem) not in _WARNED and (newest is None or _step(path) > _step(newest)):
+            _WARNED.add((path, problem))
+            using = f"using {newest.name}, the newest complete checkpoint" if newest else "no complete checkpoint"
+            log.warning("skipping %s: %s; %s", path, problem, using)
+    return complete
+
+
+_WARNED: set = set()  # (checkpoint, problem) pairs already reported by this process
+
+
+def _step(path: Path) -> int:
+    return int(CKPT_PATTERN.match(path.name).group(1))
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

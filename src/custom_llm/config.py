@@ -332,6 +332,39 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+
+
+def parse_field_value(cls: type, name: str, text: str, prefix: str) -> Any:
+    """A command-line string for field ``name`` of config dataclass ``cls``, typed by the field's annotation.
+
+    Numbers accept any Python number literal (``3e-4``), booleans true/false/yes/no/1/0/on/off, optional
+    fields ``none``/``null``, lists and nested configs YAML/JSON (``'[{seq_len: 64, batch_size: 8}]'``).
+    The text is only turned into a plain value here; :func:`from_dict` then checks it against the
+    field's type, the same check a config file's values get. Raises ConfigError naming the flag.
+    """
+    annotation = typing.get_type_hints(cls)[name]
+    flag = f"--{prefix}{name}"
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if text.strip().lower() in ("none", "null"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is str:
+            return text
+        if annotation is bool:
+            return _BOOL_WORDS[text.strip().lower()]
+        if annotation in (int, float):
+            return int(text) if annotation is int else float(text)
+        import yaml
+
+        return yaml.safe_load(text)  # lists, nested configs: checked field by field by from_dict
+    except Exception:  # noqa: BLE001 - the parsers raise several types; all mean "not this type"
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{flag}: cannot parse {text!r} as {kind}") from None
+
+
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict (the caller picks the sections it knows)."""
     path = Path(path)
@@ -372,4 +405,4 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 __all__ = ["ModelConfig", "MODEL_PRESETS", "model_preset", "from_dict", "to_dict", "load_config_file",
-           "field_docs"]
+           "field_docs", "parse_field_value"]

@@ -6,6 +6,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import UserError
 from .context import Context
 from .core import Result
@@ -50,15 +51,6 @@ DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shak
 lm-eval package), run only when named."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """'cpu' or 'cuda' as a device; a UserError when CUDA is asked for and absent."""
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda (got {name!r})")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def resolve_cases(names: Optional[Sequence[str]]) -> list[str]:
     """The cases to run, in registry order; a UserError naming any unknown case."""
     if not names:
@@ -78,7 +70,7 @@ def run_benchmarks(cases: Optional[Sequence[str]] = None, device: str = "cpu", *
     decode step; ``ref_compile`` also compiles the Hugging Face reference in training cases.
     """
     names = resolve_cases(cases)
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # --device: cpu or cuda (choices of the CLI)
     if repeats is not None and repeats < 1:
         raise UserError(f"--repeats must be at least 1 (got {repeats})")
     from ..training.compiling import resolve_compile  # imported on use, like the cases' heavy modules

@@ -70,13 +70,9 @@ def _load(args):
     import torch
 
     from ..api import is_hf_folder, load_model, load_tokenizer
+    from ..devices import resolve_device
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if not Path(args.ckpt).exists():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..tokenizers import KINDS
 
 
 def register(sub) -> None:
@@ -20,7 +21,7 @@ def register(sub) -> None:
                        help="text files, directories, globs, .jsonl files or hf:NAME[:CONFIG] "
                             "(default: the embedded corpus, this Python's standard library sources)")
     train.add_argument("--out", required=True, help="output directory (or a path ending in .json)")
-    train.add_argument("--tokenizer", "--kind", dest="kind", default="auto", choices=("auto", "bpe", "char"),
+    train.add_argument("--tokenizer", "--kind", dest="kind", default="auto", choices=KINDS,
                        help="bpe (needs the tokenizers package), char, or auto (bpe when available)")
     train.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (rounded up to a multiple of 64)")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ModelConfig, field_docs
+from ..config import ModelConfig, field_docs, parse_field_value
 from ..errors import ConfigError
-from ..training.config import RUN_PRESETS, TrainConfig, dataclass_fields, parse_field_value
+from ..training.config import DEVICES, PRECISIONS, RUN_PRESETS, TOKENIZER_KINDS, TrainConfig, dataclass_fields
 
 DESCRIPTION = """Train a model. Config sources, later winning: --preset (default 'tiny' when no --config is
 given) < --config FILE (YAML/JSON with 'model' and 'train' sections) < flags. With no arguments it trains
@@ -34,9 +34,9 @@ def register(sub) -> None:
     parser.add_argument("--init", metavar="CKPT", help="start from these weights (a checkpoint or Hugging Face "
                         "folder) with a fresh optimizer")
     parser.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop (and save) after this long")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--tokenizer", choices=("auto", "bpe", "char"), help="tokenizer kind to train on the data")
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--device", choices=DEVICES)
+    parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, help="tokenizer kind to train on the data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         group = parser.add_argument_group(f"{section} config fields")

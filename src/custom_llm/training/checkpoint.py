@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint_io import (list_checkpoints, load_state_into, read_json, save_model,
+from ..checkpoint_io import (CONFIG_FILE, WEIGHTS_FILE, list_checkpoints, load_state_into, read_json, save_model,
                              write_json)
 from ..errors import UserError
 
@@ -155,9 +155,12 @@ def remove_leftovers(run_dir: Path) -> None:
 
 # --- reading -------------------------------------------------------------------------------------
 
+RESUME_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, OPTIMIZER_FILE)
+
+
 def list_complete(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run that hold every resume file, oldest first."""
-    return [p for p in list_checkpoints(run_dir) if (p / STATE_FILE).is_file() and (p / OPTIMIZER_FILE).is_file()]
+    """Checkpoints of a run whose every resume file is whole, oldest first."""
+    return list_checkpoints(run_dir, RESUME_FILES)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ..config import MODEL_PRESETS, ModelConfig, _is_int, _is_number, from_dict, load_config_file, to_dict
 from ..errors import ConfigError
+from ..tokenizers import KINDS
 from .curriculum import LR_RULES, CurriculumStage
 from .optim import OPTIMIZERS
 from .plan import batch_split_problem
@@ -22,7 +23,7 @@ from .schedules import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-TOKENIZER_KINDS = ("auto", "bpe", "char")
+TOKENIZER_KINDS = KINDS
 
 
 @dataclass
@@ -273,20 +274,14 @@ def resolve_run_config(preset: Optional[str], file_data: Optional[dict],
 
 
 def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
-    """``from_dict`` that, on failure, still reports every bad key and every bad value to ``problems``."""
+    """``from_dict`` of the finished section, its problems added to ``problems`` (None on failure).
+
+    The section is validated whole, once: unknown keys and mistyped values first, then the
+    dataclass's own checks of the values together, so every message is about what was asked for
+    (checking fields one at a time against the defaults of the others reports problems that are not there).
+    """
     try:
         return from_dict(cls, data, prefix=prefix)
-    except ConfigError:
-        pass
-    good = {}
-    for key, value in data.items():
-        try:
-            from_dict(cls, {key: value}, prefix=prefix)
-            good[key] = value
-        except ConfigError as exc:
-            problems.append(_strip(str(exc)))
-    try:
-        from_dict(cls, good, prefix=prefix)
     except ConfigError as exc:
         problems.extend(p for p in _strip(str(exc)).split("; ") if p not in problems)
     return None
@@ -296,42 +291,6 @@ def _strip(message: str) -> str:
     for head in ("invalid config: ", "invalid train config: ", "invalid model config: "):
         message = message.replace(head, "")
     return message
-
-
-def parse_field_value(cls: type, name: str, text: str, prefix: str) -> Any:
-    """Parse a command-line string for field ``name`` of config dataclass ``cls`` by the field's type.
-
-    Numbers accept any Python literal (``3e-4``), booleans true/false/yes/no/1/0, optional fields
-    ``none``/``null``, lists and nested configs YAML/JSON (``'[{seq_len: 64, batch_size: 8}]'``).
-    Raises ConfigError naming the flag.
-    """
-    annotation = typing.get_type_hints(cls)[name]
-    flag = f"--{prefix}{name}"
-    args = typing.get_args(annotation)
-    if type(None) in args:
-        if text.strip().lower() in ("none", "null"):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    try:
-        if annotation is bool:
-            lowered = text.strip().lower()
-            if lowered in ("true", "yes", "1", "on"):
-                return True
-            if lowered in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            return int(text)
-        if annotation is float:
-            return float(text)
-        if annotation is str:
-            return text
-        import yaml
-
-        return yaml.safe_load(text)
-    except (ValueError, Exception):
-        kind = getattr(annotation, "__name__", str(annotation))
-        raise ConfigError(f"{flag}: cannot parse {text!r} as {kind}") from None
 
 
 def run_config_dict(model: ModelConfig, train: TrainConfig) -> dict:
@@ -345,4 +304,4 @@ def dataclass_fields(cls: type) -> list[str]:
 
 
 __all__ = ["TrainConfig", "CurriculumStage", "TRAIN_PRESETS", "RUN_PRESETS", "resolve_run_config",
-           "check_run_config", "parse_field_value", "run_config_dict", "dataclass_fields", "load_config_file"]
+           "check_run_config", "run_config_dict", "dataclass_fields", "load_config_file"]

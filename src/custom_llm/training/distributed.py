@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..devices import resolve_device
 from ..errors import UserError
 
 log = logging.getLogger("custom_llm.training")
@@ -87,15 +88,6 @@ class Runtime:
         if dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """'auto' is CUDA when available; 'cuda' without a GPU is a UserError."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def resolve_precision(preference: str, device: torch.device) -> str:
