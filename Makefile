@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/custom-llm
 
-.PHONY: setup train test bench gpu-check clean
+.PHONY: setup train test test-slow bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,11 @@ train: setup
 	$(CLI) train $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Checks that take minutes on 2 cores (compiled feature combinations, llama.cpp); CI runs them too.
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 bench: setup
 	$(CLI) bench $(ARGS)

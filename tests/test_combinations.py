@@ -122,7 +122,13 @@ def _can_compile() -> bool:
     return compile_toolchain_problem(torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("features", RUNS, ids=lambda run: "+".join(sorted(run)))
+def _marks(run: set) -> list:
+    """Compiled runs take minutes of inductor compilation on 2 cores: the slow suite (`.ci/run` runs it)."""
+    return [pytest.mark.slow] if "compile" in run else []
+
+
+@pytest.mark.parametrize("features", [pytest.param(run, marks=_marks(run)) for run in RUNS],
+                         ids=lambda run: "+".join(sorted(run)))
 def test_features_together_train_resume_generate_export(features, tmp_path):
     if "compile" in features and not _can_compile():
         pytest.skip("torch.compile has no C++ toolchain on this machine")

@@ -59,3 +59,23 @@ def test_bf16_autocast_close_to_fp32():
     got.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(got, reference_lm_loss(hidden, weight, targets), atol=0.1, rtol=0.02)
+
+
+def test_fused_loss_does_no_gradient_work_without_grad():
+    """Under torch.no_grad (evaluation) only the logits matmul runs; with grad the forward also
+    computes the gradients (more matmuls of the same size), and the values agree."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from custom_llm.model.loss import fused_lm_loss
+
+    hidden = torch.randn(64, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (64,))
+    one_matmul = 2 * 64 * 40 * 16
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        without = fused_lm_loss(hidden, weight, targets)
+    assert counter.get_total_flops() == one_matmul
+    with FlopCounterMode(display=False) as counter:
+        with_grad = fused_lm_loss(hidden, weight, targets)
+    assert counter.get_total_flops() >= 2 * one_matmul  # grad @ W (the in-place addmm_ may go uncounted)
+    torch.testing.assert_close(without, with_grad.detach())
