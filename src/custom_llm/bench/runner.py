@@ -42,6 +42,7 @@ CASES: dict[str, Callable[[Context], Result]] = {
     "optimizers": _case("optimizer_case", "optimizers"),
     "optimizers_tiny": _case("optimizer_case", "optimizers_tiny"),
     "eval_loglikelihood": _case("eval_case", "eval_loglikelihood"),
+    "lora_memory": _case("lora_case", "lora_memory"),
 }
 """Every case, in the order they run."""
 
