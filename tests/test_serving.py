@@ -122,6 +122,25 @@ def test_chat_streamed_equals_whole_and_reference(client, served):
     assert chunks[-1].usage.prompt_tokens == len(served.chat_ids(messages))
 
 
+def test_chat_template_chatml_and_an_hf_folder(served, ckpt, tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 🙂"}]
+    tok = served.tokenizer
+    assert tok.render_chat(messages) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello 🙂<|im_end|>\n"
+                                         "<|im_start|>assistant\n")
+    im_start, im_end = 4, 5  # the BPE trains the ChatML tokens at ids 4 and 5
+    assert served.chat_ids(messages)[0] == im_start  # a special id, from the template
+    assert served.stop_ids == {tok.eos_id, im_end}
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    from custom_llm.interop import export_hf
+
+    folder = export_hf(ckpt, tmp_path / "hf", dtype="float32")
+    hf_served = load_served_model(str(folder), max_batch=1)
+    expected = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert hf_served.chat_ids(messages) == list(expected)
+    assert hf_served.stop_ids == served.stop_ids
+
+
 def test_sse_wire_format(server):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
             "stream_options": {"include_usage": True}}
