@@ -188,7 +188,8 @@ def serve(ctx: Context) -> Result:
     """Tokens/s and TTFT of our batching server against one-at-a-time serving and ``transformers serve``."""
     import logging
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no line per request
     rng = random.Random(ctx.seed + 1)
     low, high = (4, 8) if ctx.quick else (32, 64)
     work = Path(tempfile.mkdtemp(prefix="custom-llm-bench-serve-"))
