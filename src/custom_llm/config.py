@@ -151,6 +151,10 @@ class ModelConfig:
         need(not (self.shared_expert_gate and self.n_shared_experts == 0),
              "shared_expert_gate needs n_shared_experts >= 1")
         need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch must be one of {', '.join(MOE_DISPATCH)}")
+        if self.moe_dispatch == "grouped_mm" and not problems:  # grouped_mm needs 16-byte aligned strides
+            need(self.d_model % 8 == 0 and self.resolved_moe_ffn_dim % 8 == 0,
+                 f"moe_dispatch 'grouped_mm' needs d_model and moe_ffn_dim that are multiples of 8 (got "
+                 f"{self.d_model} and {self.resolved_moe_ffn_dim}); use 'auto', which takes another path for them")
         need(_is_number(self.moe_aux_loss_coef) and self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef must be >= 0")
         need(_is_number(self.moe_z_loss_coef) and self.moe_z_loss_coef >= 0, "moe_z_loss_coef must be >= 0")
         if problems:
