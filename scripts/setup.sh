@@ -27,13 +27,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     run "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+HELPER_PY="$PY"
+if [ ! -x "$PY" ]; then HELPER_PY="$PYTHON"; fi  # a dry run does not create the venv
 
 gpu=0
 if has_gpu; then gpu=1; fi
 if ! "$PY" -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 6) else 1)' 2>/dev/null; then
     index=()
     if [ "$gpu" = 1 ]; then
-        if choice="$("$PY" "$HERE/torch_index.py")"; then
+        if choice="$("$HELPER_PY" "$HERE/torch_index.py")"; then
             read -r tag requirement url driver <<<"$choice"
             echo "setup: NVIDIA driver $driver runs PyTorch's $tag builds ($requirement from $url)"
         elif [ -z "${TORCH_SPEC:-}" ]; then
