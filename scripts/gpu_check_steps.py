@@ -48,6 +48,7 @@ def since(before: dict) -> dict:
 
 
 def graph_break_reasons(limit: int = 3) -> list[str]:
+    """The first lines of the first few graph-break reasons dynamo recorded."""
     from torch._dynamo.utils import counters as c
 
     return [reason.splitlines()[0][:160] for reason in list(c["graph_break"])[:limit]]
@@ -61,6 +62,7 @@ def summary(ok: bool, **details) -> int:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -267,6 +269,7 @@ def decode(device: torch.device, out: str | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """Run one step; its exit code (0: PASS)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("toolchain", "train", "moe", "decode"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")

@@ -86,6 +86,7 @@ def query_nvidia_smi() -> tuple[str, Optional[str]]:
 
 
 def main(argv: list[str]) -> int:
+    """Print the build for the given (or nvidia-smi's) driver; the exit code."""
     try:
         driver, capability = (argv[0], argv[1] if len(argv) > 1 else None) if argv else query_nvidia_smi()
         build = choose_build(driver, capability)
