@@ -30,7 +30,7 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
-# The project's venv first (a system python3 may have another torch), then $PYTHON, then python3.
+# $PYTHON when set (an explicit choice), else the project's venv (a system python3 may have another torch), else python3.
 if [ -n "${PYTHON:-}" ]; then :; elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   echo "gpu_check: $PYTHON cannot import torch; run 'make setup' (or set PYTHON)" >&2
