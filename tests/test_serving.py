@@ -195,7 +195,7 @@ def test_stream_never_splits_a_character_or_shows_a_stop_prefix(served):
     ids = tok.encode(text)
     assert len(ids) > len(tok.encode("ab")) + 2  # several tokens, some of them partial characters
     posted = []
-    stream = ChoiceStream(0, tok, ["STOP"], posted.append, lambda s: None, lambda s: None, time.perf_counter())
+    stream = ChoiceStream(0, tok, ["STOP"], posted.append, None, time.perf_counter())
     from custom_llm.generation.batch import TokenStep
 
     for token in ids:
@@ -335,14 +335,18 @@ def test_load_32_streaming_clients_on_8_slots(server, served):
     assert metric(server, "custom_llm_time_to_first_token_seconds_count") >= 96
 
 
-def test_health_metrics_and_page(server):
+def test_health_metrics_and_page(server, client):
     assert httpx.get(server + "/health").json()["status"] == "ok"
+    before = metric(server, "custom_llm_generation_tokens_total"), metric(server, "custom_llm_prompt_tokens_total")
+    usage = client.completions.create(model="tiny-chat", prompt="fox", max_tokens=7, n=2).usage
+    after = metric(server, "custom_llm_generation_tokens_total"), metric(server, "custom_llm_prompt_tokens_total")
+    assert after[0] - before[0] == usage.completion_tokens and after[1] - before[1] == 2 * usage.prompt_tokens
     text = httpx.get(server + "/metrics").text
     for name in ("custom_llm_requests_total", "custom_llm_prompt_tokens_total", "custom_llm_generation_tokens_total",
                  "custom_llm_queue_depth", "custom_llm_active_slots", "custom_llm_time_to_first_token_seconds_bucket",
                  "custom_llm_time_per_output_token_seconds_bucket"):
         assert name in text
-    assert 'custom_llm_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'custom_llm_requests_total{endpoint="/v1/completions",status="200"}' in text
     page = httpx.get(server + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/chat/completions" in page.text and "http" not in page.text.replace("http-equiv", "")

@@ -99,7 +99,7 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
         check_model(body, served.name)
         prompts = parse_prompts(body)
         spec = parse_generation(body, chat=False)
-        ids = [served.prompt_ids(p) for p in prompts]
+        ids = await asyncio.to_thread(lambda: [served.prompt_ids(p) for p in prompts])  # keep the loop free
         return await _generate(request, ids, spec, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -108,7 +108,8 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
         check_model(body, served.name)
         messages = parse_messages(body)
         spec = parse_generation(body, chat=True)
-        return await _generate(request, [served.chat_ids(messages)], spec, chat=True)
+        ids = await asyncio.to_thread(served.chat_ids, messages)
+        return await _generate(request, [ids], spec, chat=True)
 
     async def _generate(request: Request, prompts: list[list[int]], spec: GenerationSpec, chat: bool) -> Response:
         start = time.perf_counter()
@@ -119,8 +120,7 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
         requests: list[GenerationRequest] = []
         for prompt in prompts:
             for j in range(spec.n):
-                stream = ChoiceStream(len(requests), served.tokenizer, spec.stop, post, metrics.ttft.observe,
-                                      metrics.per_token.observe, start)
+                stream = ChoiceStream(len(requests), served.tokenizer, spec.stop, post, metrics, start)
                 seed = None if spec.seed is None else spec.seed + j  # n seeded choices differ, reproducibly
                 requests.append(GenerationRequest(prompt, max_tokens, spec.params, seed=seed, stop_ids=served.stop_ids,
                                                   logprobs=spec.logprobs, on_token=stream.on_token,

@@ -34,13 +34,12 @@ class Event:
 class ChoiceStream:
     """Detokenizes one choice's tokens and applies its stop strings; posts :class:`Event` objects."""
 
-    def __init__(self, index: int, tokenizer, stops: list[str], post: Callable[[Event], None],
-                 observe_ttft: Callable[[float], None], observe_token: Callable[[float], None], start: float):
+    def __init__(self, index: int, tokenizer, stops: list[str], post: Callable[[Event], None], metrics, start: float):
         self.index = index
         self.decoder = tokenizer.incremental_decoder()
         self.stops = StopStrings(stops)
         self.post = post
-        self.observe_ttft, self.observe_token = observe_ttft, observe_token
+        self.metrics = metrics  # a serving.metrics.Metrics, or None
         self.last = start
         self.first = True
         self.pending: list[TokenStep] = []
@@ -48,7 +47,8 @@ class ChoiceStream:
     def on_token(self, step: TokenStep) -> bool:
         """Engine thread: one new token; False once a stop string has appeared."""
         now = time.perf_counter()
-        (self.observe_ttft if self.first else self.observe_token)(now - self.last)
+        if self.metrics is not None:
+            (self.metrics.ttft if self.first else self.metrics.per_token).observe(now - self.last)
         self.first, self.last = False, now
         self.pending.append(step)
         text = self.stops.push(self.decoder.push(step.token))
@@ -59,6 +59,8 @@ class ChoiceStream:
     def on_finish(self, request: GenerationRequest) -> None:
         """Engine thread: the request ended; release held-back text and post the end."""
         reason = request.finish_reason
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(len(request.tokens))
         text = ""
         if not self.stops.stopped and reason in ("stop", "length"):
             text = self.stops.push(self.decoder.flush()) + self.stops.flush()
