@@ -4,13 +4,12 @@ Small functions in the style of gpt-fast: :func:`prefill` runs the prompt throug
 the KV cache; :func:`decode_one_token` runs one new token; :func:`~.sampling.sample` picks the next
 token. :class:`Engine` strings them together, keeps a cache per batch-size bucket for reuse and, on
 CUDA, compiles the decode step with a static cache (``torch.compile(mode="reduce-overhead")``: CUDA
-graphs; the compiled step itself lives in :mod:`.decode_step`). The
-readable reference, :func:`generate_without_cache`, recomputes the whole sequence every step; tests
-hold the engine to it.
+graphs; the compiled step itself lives in :mod:`.decode_step`). The readable reference,
+:func:`generate_without_cache`, recomputes the whole sequence every step; tests hold the engine to it.
 
 Prompts of different lengths are left-padded (see :mod:`.kv_cache` for the time/position scheme).
 
-Legend: B batch, T prompt time, V vocabulary.
+Legend: B batch (real rows), T prompt time, V vocabulary.
 """
 
 from __future__ import annotations
@@ -96,10 +95,11 @@ class Engine:
     the engine's life. A batch is padded up to its bucket with dummy rows (a one-token prompt) whose
     outputs are dropped; sampling sees only the real rows, so each row's random stream is what it
     would be without padding. So a compiled step has at most seven graphs for batches up to 64 (under
-    dynamo's default recompile limit of 8), and a server whose batch sizes alternate replays them
-    (CUDA graphs recorded once per bucket) instead of rebuilding a cache and recompiling at every
-    change; the price is up to 2x rows, cheap for decoding, which streams the weights once a step
-    whatever the batch. Eager decoding uses the same buckets, for one rule and cache reuse.
+    dynamo's default recompile limit of 8 per function, which engines of other models in the same
+    process share), and a server whose batch sizes alternate replays them (CUDA graphs recorded once
+    per bucket) instead of rebuilding a cache and recompiling at every change. The price is up to
+    2x rows, cheap while decoding is bound by streaming the weights (small batches). Eager decoding
+    uses the same buckets, for one rule and cache reuse.
 
     fp32 weights on CUDA decode with TF32 matmuls, only while the engine's own code runs
     (:func:`~.decode_step.decode_precision`).
