@@ -16,11 +16,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import ModelConfig
+from .dcp_io import DCP_DIR, consolidated_model_state, dcp_problem, is_sharded
 from .errors import UserError
 from .fsutil import write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARDED_FILES = (WEIGHTS_FILE, "optimizer.safetensors")
+"""Files whose tensors a sharded (FSDP) checkpoint keeps in its DCP folder instead (see dcp_io.py)."""
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)$")
 log = logging.getLogger("custom_llm")
 
@@ -118,6 +121,8 @@ def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
     directory = Path(directory)
     config = read_model_config(directory)
     weights = directory / WEIGHTS_FILE
+    if not weights.is_file() and is_sharded(directory):  # an FSDP run's checkpoint: consolidate its DCP folder
+        return build_model(config, sharded_model_state(directory, config), str(directory / DCP_DIR), device, dtype)
     if not weights.is_file():
         raise UserError(f"missing file: {weights}")
     try:
@@ -125,6 +130,18 @@ def load_checkpoint_model(directory: Path, device: str | torch.device = "cpu",
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"cannot read {weights}: {exc}") from None
     return build_model(config, state, str(weights), device, dtype)
+
+
+def sharded_model_state(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model in a checkpoint's DCP folder (tied LM head left out, as in model.safetensors)."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        reference = Transformer(config).state_dict()
+    if config.tie_embeddings:
+        reference.pop("lm_head.weight", None)
+    return consolidated_model_state(directory, {n: tuple(t.shape) for n, t in reference.items()},
+                                    {n: t.dtype for n, t in reference.items()})
 
 
 def file_problem(path: Path) -> Optional[str]:
@@ -152,7 +169,13 @@ def file_problem(path: Path) -> Optional[str]:
 
 
 def checkpoint_problem(directory: Path, files: Sequence[str] = (CONFIG_FILE, WEIGHTS_FILE)) -> Optional[str]:
-    """The first problem of ``files`` in a checkpoint directory (see :func:`file_problem`), or None."""
+    """The first problem of ``files`` in a checkpoint directory (see :func:`file_problem`), or None.
+    In a sharded checkpoint the DCP folder stands for the weights and optimizer files."""
+    if is_sharded(directory):
+        files = [name for name in files if name not in SHARDED_FILES]
+        problem = dcp_problem(directory)
+        if problem is not None:
+            return problem
     for name in files:
         problem = file_problem(Path(directory) / name)
         if problem is not None:

@@ -133,6 +133,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if tokenizer is not None:
         tokenizer.save(tmp)
     _fsync_tree(tmp)
+    return publish(tmp, run_dir, step, keep)
+
+
+def publish(tmp: Path, run_dir: Path, step: int, keep: int) -> Path:
+    """Rename a finished, fsynced temporary directory to ``run_dir/ckpt-<step>``, then keep the newest ``keep``."""
     final = run_dir / f"ckpt-{step}"
     if final.exists():  # re-saving a step (a resumed run ending where it started): swap, then drop the old one
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}.old-", dir=run_dir))

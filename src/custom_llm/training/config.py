@@ -17,6 +17,7 @@ from ..config import MODEL_PRESETS, ModelConfig, _is_int, _is_number, from_dict,
 from ..errors import ConfigError
 from ..tokenizers import KINDS
 from .curriculum import LR_RULES, CurriculumStage
+from .fsdp import PARALLEL, fsdp_problems
 from .optim import OPTIMIZERS
 from .plan import batch_split_problem
 from .schedules import SCHEDULES
@@ -95,6 +96,10 @@ class TrainConfig:
     """'cpu', 'cuda', or 'auto' (CUDA when available)."""
     compile: Optional[bool] = None
     """torch.compile the model; None means on for CUDA, off for CPU."""
+    parallel: str = "ddp"
+    """With more than one rank: 'ddp' (every rank holds the whole model, gradients and optimizer state) or 'fsdp' (FSDP2 ZeRO-3: each rank holds 1/W of them; checkpoints become a resharding DCP folder). See training/fsdp.py."""
+    reshard_after_forward: bool = True
+    """FSDP only: free the gathered parameters after each block's forward (ZeRO-3, least memory) or keep them for the backward (ZeRO-2 style, one all-gather fewer per block)."""
 
     # --- curriculum ------------------------------------------------------------------------------
     curriculum: list[CurriculumStage] = field(default_factory=list)
@@ -153,6 +158,8 @@ class TrainConfig:
                               ("device", DEVICES), ("tokenizer", TOKENIZER_KINDS), ("curriculum_lr_rule", LR_RULES)):
             need(getattr(self, name) in choices, f"train.{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         if _is_int(self.batch_size) and _is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1:
+        need(self.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)} (got {self.parallel!r})")
+        problems.extend(fsdp_problems(self.parallel, self.optimizer, self.precision))
             problems.extend(filter(None, [batch_split_problem("train.batch_size", self.batch_size, 1,
                                                               self.grad_accum_steps)]))
         stages = []
@@ -204,6 +211,9 @@ def check_run_config(model: ModelConfig, train: TrainConfig) -> None:
         if value is not None and value > model.max_seq_len:
             problems.append(f"{name} ({value}) must not exceed model.max_seq_len ({model.max_seq_len})")
     if problems:
+    if train.parallel == "fsdp" and model.layerdrop > 0:
+        problems.append("train.parallel fsdp does not support model.layerdrop > 0 (a skipped block would leave its "
+                        "shards out of the gradient reduction); use train.parallel ddp or model.layerdrop 0")
         raise ConfigError("invalid run config: " + "; ".join(problems))
 
 

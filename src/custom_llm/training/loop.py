@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..dcp_io import is_sharded
 from ..model.loss import perplexity
 from . import curriculum as cur
 from .checkpoint import (latest_checkpoint, load_optimizer, load_trainer_state, load_weights, remove_leftovers,
@@ -41,6 +42,7 @@ from .checkpoint import (latest_checkpoint, load_optimizer, load_trainer_state, 
 from .config import TrainConfig, run_config_dict
 from .distributed import OOM_HINT, barrier, is_out_of_memory, peak_flops
 from .metrics import METRICS_FILE, RunLog
+from .dcp import load_sharded_checkpoint, refuse_full_into_sharded, save_sharded_checkpoint, weights_finite_everywhere
 from .parts import TrainingParts, build_parts
 from .plan import StepPlan, plan_step
 from .plots import plot_losses
@@ -152,8 +154,12 @@ def start_state(parts: TrainingParts, run_dir: Path, resume: bool) -> tuple[Trai
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None:
         return TrainState(world_size=parts.rt.world_size, precision=parts.rt.precision), None
-    load_weights(ckpt, parts.model)
-    scaler_state = load_optimizer(ckpt, parts.optimizer)
+    if is_sharded(ckpt):  # an FSDP run's DCP folder, saved by any number of ranks (dcp.py)
+        scaler_state = load_sharded_checkpoint(ckpt, parts.model, parts.optimizer)
+    else:
+        refuse_full_into_sharded(ckpt, parts.tc, parts.rt)
+        load_weights(ckpt, parts.model)
+        scaler_state = load_optimizer(ckpt, parts.optimizer)
     if scaler_state:
         parts.scaler.load_state_dict(scaler_state)
     state = TrainState.from_dict(load_trainer_state(ckpt), str(ckpt / "trainer_state.json"))
@@ -198,9 +204,15 @@ class _Saver:
 
     def save(self, state: TrainState) -> None:
         parts = self.parts
-        if not weights_are_finite(parts.model):
+        sharded = parts.tc.parallel == "fsdp"
+        if not (weights_finite_everywhere(parts.model, parts.rt) if sharded else weights_are_finite(parts.model)):
             raise TrainingStopped(f"step {state.step}: the weights are not finite; no checkpoint written")
-        if parts.rt.is_main:
+        if sharded:  # every rank writes its own shards; rank 0 the JSON files (dcp.py)
+            save_sharded_checkpoint(self.run_dir, state.step, parts.model, parts.optimizer, parts.scaler.state_dict(),
+                                    capture(state, parts.loader, parts.model).to_dict(),
+                                    run_config_dict(parts.mc, parts.tc), self.tokenizer, parts.tc.keep_checkpoints,
+                                    parts.rt)
+        if parts.rt.is_main and not sharded:
             snapshot = capture(state, parts.loader, parts.model)
             save_checkpoint(self.run_dir, state.step, parts.model, parts.optimizer, parts.scaler.state_dict(),
                             snapshot.to_dict(), run_config_dict(parts.mc, parts.tc), self.tokenizer,

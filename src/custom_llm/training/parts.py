@@ -18,6 +18,7 @@ from ..model import Transformer
 from .compiling import use_compile
 from .config import TrainConfig, check_run_config
 from .distributed import Runtime, init_runtime
+from .fsdp import shard_model
 from .optim import build_optimizer
 from .plan import check_batch_splits
 
@@ -44,7 +45,7 @@ class TrainingParts:
     rt: Runtime
     model: Transformer
     net: nn.Module
-    """The loss module, DistributedDataParallel-wrapped on more than one rank."""
+    """The loss module, DistributedDataParallel-wrapped on more than one rank (under FSDP its model is sharded instead)."""
     optimizer: torch.optim.Optimizer
     scaler: Any
     """torch.amp.GradScaler, enabled for fp16 only."""
@@ -64,6 +65,11 @@ def build_parts(mc: ModelConfig, tc: TrainConfig, train_tokens: Any, init_state:
     model = Transformer(mc).to(rt.device)
     if init_state is not None:
         load_state_into(model, init_state, "--init checkpoint")
+    compiled = use_compile(tc.compile, rt.device)
+    if compiled:
+        model.compile_blocks()
+    if tc.parallel == "fsdp" and rt.distributed:  # before the optimizer, which must see the sharded parameters
+        shard_model(model, rt.device, rt.world_size, rt.precision, tc.reshard_after_forward)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps,
                                 tc.decay_embeddings, muon_lr=tc.muon_lr, muon_momentum=tc.muon_momentum,
                                 muon_weight_decay=tc.muon_weight_decay)
@@ -71,17 +77,15 @@ def build_parts(mc: ModelConfig, tc: TrainConfig, train_tokens: Any, init_state:
     batch, seq_len = (first.batch_size, first.seq_len) if first else (tc.batch_size, tc.seq_len or mc.max_seq_len)
     loader = BatchLoader(train_tokens, batch // rt.world_size, seq_len, seed=tc.seed, rank=rt.rank,
                          world_size=rt.world_size)
-    compiled = use_compile(tc.compile, rt.device)
-    if compiled:
-        model.compile_blocks()
-    return TrainingParts(mc, tc, rt, model, _wrap(LossModule(model), mc, rt), optimizer, _make_scaler(rt), loader,
+    return TrainingParts(mc, tc, rt, model, _wrap(LossModule(model), mc, tc, rt), optimizer, _make_scaler(rt), loader,
                          compiled)
 
 
-def _wrap(net: nn.Module, mc: ModelConfig, rt: Runtime) -> nn.Module:
-    """DistributedDataParallel on more than one rank. Blocks that LayerDrop skips get no gradient, so
-    DDP must look for unused parameters then; MoE experts are stacked tensors that always get one."""
-    if not rt.distributed:
+def _wrap(net: nn.Module, mc: ModelConfig, tc: TrainConfig, rt: Runtime) -> nn.Module:
+    """DistributedDataParallel on more than one rank (FSDP's model is already sharded: nothing to wrap).
+    Blocks that LayerDrop skips get no gradient, so DDP must look for unused parameters then; MoE
+    experts are stacked tensors that always get one."""
+    if not rt.distributed or tc.parallel == "fsdp":
         return net
     from torch.nn.parallel import DistributedDataParallel
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .distributed import all_reduce_sum
+from .fsdp import clip_grad_norm, no_gradient_sync
 from .parts import TrainingParts
 from .plan import StepPlan
 
@@ -55,7 +56,7 @@ def train_step(parts: TrainingParts, plan: StepPlan, x: np.ndarray, y: np.ndarra
         ym = y[i * M:(i + 1) * M].to(rt.device, non_blocking=True)
         em = [e[i * M:(i + 1) * M].to(rt.device, non_blocking=True) for e in extra]
         sync = i == k - 1 or not rt.distributed
-        with nullcontext() if sync else parts.net.no_sync():
+        with nullcontext() if sync else no_gradient_sync(parts.net):
             with rt.autocast():
                 loss, lm_loss, expert_load = parts.net(xm, ym, *em)
             parts.scaler.scale(loss / k).backward()
@@ -64,7 +65,7 @@ def train_step(parts: TrainingParts, plan: StepPlan, x: np.ndarray, y: np.ndarra
     mean_loss, stop_any = packed[0].item() / rt.world_size, packed[1].item() > 0
     parts.scaler.unscale_(parts.optimizer)
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip))
+    grad_norm = float(clip_grad_norm(parts.model.parameters(), clip))  # over every rank's shards under FSDP
     applied = math.isfinite(mean_loss) and (math.isfinite(grad_norm) or parts.scaler.is_enabled())
     if applied:
         parts.scaler.step(parts.optimizer)  # fp16: skipped inside on overflow; the scaler then backs off
