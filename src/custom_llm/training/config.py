@@ -157,9 +157,9 @@ class TrainConfig:
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                               ("device", DEVICES), ("tokenizer", TOKENIZER_KINDS), ("curriculum_lr_rule", LR_RULES)):
             need(getattr(self, name) in choices, f"train.{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
-        if _is_int(self.batch_size) and _is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1:
         need(self.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)} (got {self.parallel!r})")
         problems.extend(fsdp_problems(self.parallel, self.optimizer, self.precision))
+        if _is_int(self.batch_size) and _is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1:
             problems.extend(filter(None, [batch_split_problem("train.batch_size", self.batch_size, 1,
                                                               self.grad_accum_steps)]))
         stages = []
@@ -210,10 +210,10 @@ def check_run_config(model: ModelConfig, train: TrainConfig) -> None:
     for name, value in seq_lens:
         if value is not None and value > model.max_seq_len:
             problems.append(f"{name} ({value}) must not exceed model.max_seq_len ({model.max_seq_len})")
-    if problems:
     if train.parallel == "fsdp" and model.layerdrop > 0:
         problems.append("train.parallel fsdp does not support model.layerdrop > 0 (a skipped block would leave its "
                         "shards out of the gradient reduction); use train.parallel ddp or model.layerdrop 0")
+    if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))
 
 

@@ -196,7 +196,7 @@ def _measure(parts: TrainingParts, dataset: Any, state: TrainState) -> dict:
 
 
 class _Saver:
-    """Writes ``ckpt-<step>`` (rank 0) and refreshes loss.png; every rank waits for it."""
+    """Writes ``ckpt-<step>`` (rank 0; under FSDP every rank its shards) and refreshes loss.png; every rank waits for it."""
 
     def __init__(self, parts: TrainingParts, run_dir: Path, tokenizer: Any, reference_loss: Optional[float]):
         self.parts, self.run_dir, self.tokenizer, self.reference_loss = parts, run_dir, tokenizer, reference_loss
@@ -217,6 +217,7 @@ class _Saver:
             save_checkpoint(self.run_dir, state.step, parts.model, parts.optimizer, parts.scaler.state_dict(),
                             snapshot.to_dict(), run_config_dict(parts.mc, parts.tc), self.tokenizer,
                             keep=parts.tc.keep_checkpoints)
+        if parts.rt.is_main:
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png", self.reference_loss)
         barrier(parts.rt)
         self.last_saved = state.step
