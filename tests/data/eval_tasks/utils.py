@@ -4,6 +4,7 @@ lm-eval calls ``custom_dataset`` with the task's ``dataset_kwargs``; ``data_file
 file name relative to this folder.
 """
 
+import json
 from pathlib import Path
 
 import datasets
@@ -13,5 +14,8 @@ HERE = Path(__file__).resolve().parent
 
 def local_jsonl(data_files, **_):
     """The splits of ``data_files`` ({split: file name here}) as a DatasetDict."""
-    return datasets.DatasetDict({split: datasets.Dataset.from_json(str(HERE / name))
-                                 for split, name in data_files.items()})
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(_rows(HERE / name)) for split, name in data_files.items()})
+
+
+def _rows(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
