@@ -138,6 +138,11 @@ def test_imported_folder_keeps_its_template_and_end_of_turn_tokens(tmp_path):
         ids, mask = tok.chat_ids_and_mask(CHAT, add_generation_prompt=False)
         assert theirs["input_ids"] == ids and theirs["assistant_masks"] == [int(m) for m in mask]
         assert ids[0] == tok.bos_id and IM_START not in tok.special_tokens()
+    # a checkpoint written by tokenizer.save alone (what training does) keeps the format
+    load_tokenizer(tmp_path / "hf").save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.chat_template == LLAMA3_STYLE and again.stop_ids == {1, 4} and again.bos_id == 0
+    assert again.apply_chat_template(CHAT) == load_tokenizer(tmp_path / "hf").apply_chat_template(CHAT)
 
 
 def test_invalid_messages_are_refused(bpe):

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from ..errors import UserError
+from ..fsutil import atomic_write
 from .base import (BOS, EOS, PAD, SPECIAL_TOKENS, UNK, IncrementalDecoder, PrefixIncrementalDecoder, Tokenizer,
-                   optional_int, round_up)
+                   clean_text, optional_int, round_up)
 from .chat_template import CHAT_TOKENS, CHATML_TEMPLATE, IM_END
 
 # Special tokens that close a turn in common chat formats (ChatML, Llama 3, Phi-3, Gemma).
@@ -129,7 +130,7 @@ class BPETokenizer(Tokenizer):
         return dict(self._special_ids)
 
     def encode_with_offsets(self, text: str) -> tuple:
-        encoding = self.hf.encode(text, add_special_tokens=False)
+        encoding = self.hf.encode(clean_text(text), add_special_tokens=False)
         return encoding.ids, [start for start, _ in encoding.offsets]
 
     def with_chat_tokens(self) -> "BPETokenizer":
@@ -146,11 +147,11 @@ class BPETokenizer(Tokenizer):
         return self._vocab_size
 
     def encode(self, text: str) -> List[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(clean_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Encode on all cores (the Rust side parallelises over texts)."""
-        texts = list(texts)
+        texts = [clean_text(t) for t in texts]
         fast = getattr(self.hf, "encode_batch_fast", None)  # no offsets: faster, same ids
         encodings = (fast or self.hf.encode_batch)(texts, add_special_tokens=False)
         return [e.ids for e in encodings]
@@ -184,3 +185,20 @@ class BPETokenizer(Tokenizer):
 
     def to_json_str(self) -> str:
         return self.hf.to_str()
+
+    def save(self, directory) -> Path:
+        """``tokenizer.json``, and for a tokenizer from elsewhere what its folder said besides: the roles and
+        chat template (``tokenizer_config.json``) and extra end-of-turn ids (``generation_config.json``),
+        so a checkpoint of an imported model keeps its chat format."""
+        path = super().save(directory)
+        ours = self._roles == {"bos": BOS, "eos": EOS, "pad": PAD, "unk": UNK}
+        if ours and self._own_template is None and not self._extra_end_of_turn:
+            return path
+        config = {f"{role}_token": token for role, token in self._roles.items() if token}
+        if self._own_template is not None:
+            config["chat_template"] = self._own_template
+        atomic_write(path.parent / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=1))
+        if self._extra_end_of_turn:
+            atomic_write(path.parent / "generation_config.json",
+                         json.dumps({"eos_token_id": list(self._extra_end_of_turn)}, indent=1))
+        return path
