@@ -3,7 +3,7 @@
 cli -> training, generation, interop, evaluation, bench, data, tokenizers; training -> model, data,
 tokenizers; generation -> model; evaluation -> generation, tokenizers (+ api, to load a checkpoint by
 path); interop -> model, tokenizers; model -> torch + config only; tokenizers, data ->
-standard library (+ tokenizers, numpy). Shared leaf modules (config, errors, fsutil, checkpoint_io)
+standard library (+ tokenizers, numpy). Shared leaf modules (config, errors, fsutil, devices, checkpoint_io)
 may be imported by any layer that may import the model.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "custom_llm"
-LEAVES = {"config", "errors", "fsutil"}
+LEAVES = {"config", "errors", "fsutil", "devices"}
 ALLOWED = {  # layer -> the custom_llm modules/packages it may import (besides itself)
     "model": {"config"},
     "tokenizers": {"errors", "fsutil"},

@@ -20,6 +20,8 @@ from typing import Any, Optional
 from .errors import ConfigError
 
 ATTN_BACKENDS = ("sdpa", "flex", "eager")
+MAX_SEED = 2**63 - 1
+"""Seeds are integers in [0, MAX_SEED] everywhere (torch generators take 64-bit seeds)."""
 LAYERDROP_SCHEDULES = ("constant", "linear")
 MOE_DISPATCH = ("auto", "eager", "sorted", "grouped_mm", "gathered")
 
@@ -155,6 +157,8 @@ class ModelConfig:
             need(self.d_model % 8 == 0 and self.resolved_moe_ffn_dim % 8 == 0,
                  f"moe_dispatch 'grouped_mm' needs d_model and moe_ffn_dim that are multiples of 8 (got "
                  f"{self.d_model} and {self.resolved_moe_ffn_dim}); use 'auto', which takes another path for them")
+        need(_is_int(self.layerdrop_seed) and 0 <= self.layerdrop_seed <= MAX_SEED,
+             f"layerdrop_seed must be an integer in [0, {MAX_SEED}]")
         need(_is_number(self.moe_aux_loss_coef) and self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef must be >= 0")
         need(_is_number(self.moe_z_loss_coef) and self.moe_z_loss_coef >= 0, "moe_z_loss_coef must be >= 0")
         if problems:

@@ -27,7 +27,10 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0, flag: str 
         device = torch.device(name)
     except (RuntimeError, TypeError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name!r}: CUDA is not available on this machine; it has: "
+                        f"{', '.join(available_devices())}")
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"{flag} {name!r} is not available here; this machine has: {', '.join(available_devices())}")
     if device.type == "cuda":
         index = local_rank if device.index is None else device.index

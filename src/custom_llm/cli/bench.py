@@ -38,14 +38,18 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..bench import format_table, run_benchmarks
+    from ..bench import CASES, format_table, run_benchmarks
     from ..errors import UserError
 
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    cases = None
+    if args.cases is not None:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if not cases:
+            raise UserError(f"--cases {args.cases!r} names no case; choose from {', '.join(CASES)}")
     results = []
     for result in run_benchmarks(cases, args.device, repeats=args.repeats, quick=args.quick,
                                  compile=args.compile, ref_compile=args.ref_compile, data=args.data):

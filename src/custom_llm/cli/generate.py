@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..config import field_docs
+from ..config import MAX_SEED, field_docs
 from ..errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,6 +79,9 @@ def _load(args):
         raise UserError(f"checkpoint not found: {args.ckpt}")
     model = load_model(args.ckpt, device=device, dtype=dtype)
     tokenizer = load_tokenizer(args.ckpt)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{args.ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}: they do not belong together (was tokenizer.json replaced?)")
     start = tokenizer.bos_id if is_hf_folder(Path(args.ckpt)) else tokenizer.eos_id
     return model, tokenizer, (start if start is not None and start >= 0 else None)
 
@@ -92,6 +95,10 @@ def run_generate(args) -> int:
                             repetition_penalty=args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, {MAX_SEED}] (got {args.seed})")
+    if any(stop == "" for stop in args.stop):
+        raise UserError("--stop needs a non-empty string (an empty stop string would end every answer at once)")
     prompt_text = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     model, tokenizer, start = _load(args)
     if args.quantize:
@@ -101,16 +108,18 @@ def run_generate(args) -> int:
     # prepare_model: eval() and, for eager CPU decoding, weights stored transposed (faster matrix-vector products)
     engine = (_speculative_engine(model, tokenizer, args) if args.draft
               else Engine(model, compile=args.compile, prepare_model=True))
-    interactive = prompt_text is None
+    from_stdin, failed = prompt_text is None, 0
     for text in _prompts(prompt_text):
         try:
             generator = torch.Generator(device=engine.device).manual_seed(args.seed)
             _generate_one(engine, tokenizer, start, text, args, params, generator)
         except UserError as exc:
-            if not interactive:
+            if not from_stdin:
                 raise
-            sys.stderr.write(f"error: {exc}\n")
-    return 0
+            sys.stderr.write(f"error: {exc}\n")  # the session goes on with the next prompt
+            failed += 1
+    # A script piping prompts must see that one failed; a person at the terminal saw each message.
+    return 2 if failed and not sys.stdin.isatty() else 0
 
 
 class _SpeculativeEngine:

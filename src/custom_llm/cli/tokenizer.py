@@ -26,6 +26,8 @@ def register(sub) -> None:
     train.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (rounded up to a multiple of 64)")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     train.add_argument("--extensions", default=None, help="comma-separated file extensions kept from directories")
+    train.add_argument("--force", action="store_true", help="write into a folder that already holds files "
+                       "(a checkpoint's tokenizer.json must match its model: this replaces it)")
     train.set_defaults(func=run_train)
 
     encode = actions.add_parser("encode", help="print the token ids of a text")
@@ -51,10 +53,21 @@ def run_train(args) -> int:
     from ..data import load_documents
     from ..tokenizers import train_tokenizer
 
+    out = Path(args.out)
+    folder = out.parent if out.suffix == ".json" else out
+    target = out if out.suffix == ".json" else folder / "tokenizer.json"
+    if out.exists() and not out.is_dir() and out.suffix != ".json":
+        raise UserError(f"--out {out} is a file; give a folder (or a path ending in .json)")
+    occupied = target.exists() or (out.suffix != ".json" and folder.is_dir() and any(folder.iterdir()))
+    if occupied and not args.force:
+        raise UserError(f"--out {out} already holds files (a checkpoint's tokenizer must match its model); "
+                        f"choose an empty folder or pass --force to replace {target.name}")
     docs = load_documents(args.data, text_field=args.text_field, extensions=args.extensions)
     tokenizer = train_tokenizer((d.text for d in docs), kind=args.kind, vocab_size=args.vocab_size)
-    out = Path(args.out)
-    path = tokenizer.save(out.parent if out.suffix == ".json" else out)
+    if tokenizer.kind == "bpe" and tokenizer.vocab_size < args.vocab_size:
+        print(f"note: asked for {args.vocab_size} tokens; the data supports only {tokenizer.vocab_size} "
+              f"(every merge it offers is used)", file=sys.stderr)
+    path = tokenizer.save(folder)
     if out.suffix == ".json" and path != out:
         path = path.replace(out)
     print(f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens, {len(docs)} documents -> {path}")
@@ -76,7 +89,9 @@ def run_encode(args) -> int:
 
         text = read_text_file(args.file)
     else:
-        text = sys.stdin.read()
+        from ..data.sources import read_stream_text
+
+        text = read_stream_text(sys.stdin)
     ids = tokenizer.encode(text)
     print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
     return 0
@@ -84,7 +99,12 @@ def run_encode(args) -> int:
 
 def run_decode(args) -> int:
     tokenizer = _load(args)
-    raw = " ".join(args.ids) if args.ids else sys.stdin.read()
+    if args.ids:
+        raw = " ".join(args.ids)
+    else:
+        from ..data.sources import read_stream_text
+
+        raw = read_stream_text(sys.stdin)
     try:
         ids = [int(t) for t in raw.replace("[", " ").replace("]", " ").replace(",", " ").split()]
     except ValueError:

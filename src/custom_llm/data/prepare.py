@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..errors import UserError
 from ..tokenizers import Tokenizer, load_tokenizer, resolve_kind, train_tokenizer
 from ..tokenizers.base import TOKENIZER_FILE
@@ -71,15 +73,32 @@ def prepare_data(sources: Optional[Sequence[str]], *, tokenizer=None, tokenizer_
         raise UserError(f"no training text left in {_describe(sources)} after the validation split")
     if tokenizer is None:
         tokenizer = cached_train_tokenizer(train_docs, tokenizer_kind, vocab_size, cache_dir)
-    elif not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer)
+    else:
+        if not isinstance(tokenizer, Tokenizer):
+            tokenizer = load_tokenizer(tokenizer)
+        if tokenizer_kind not in ("auto", tokenizer.kind):
+            log.warning("--tokenizer %s is ignored: the run keeps the %s tokenizer of its weights (--init/--resume)",
+                        tokenizer_kind, tokenizer.kind)
     dataset = build_token_dataset(train_docs, val_docs, tokenizer, cache_dir)
+    _report_unknown(dataset, tokenizer)
     n = len(dataset.train)
     if n < min_tokens:
         raise UserError(f"{_describe(sources)} has {n} training tokens, fewer than one context window "
                         f"({min_tokens} tokens): add text or shorten the sequence length")
     dataset.meta["sources"] = [str(s) for s in sources] if sources else ["<default corpus>"]
     return tokenizer, dataset
+
+
+def _report_unknown(dataset: TokenDataset, tokenizer: Tokenizer) -> None:
+    """Say how many tokens became ``<|unk|>`` (a character tokenizer meeting characters it never saw)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or unk < 0:
+        return
+    counts = [int(np.count_nonzero(np.asarray(split) == unk)) for split in (dataset.train, dataset.val)]
+    if sum(counts):
+        log.warning("%d training and %d validation characters are not in the %s tokenizer's vocabulary and "
+                    "became <|unk|> (characters first seen outside its training text)", counts[0], counts[1],
+                    tokenizer.kind)
 
 
 def _describe(sources: Optional[Sequence[str]]) -> str:

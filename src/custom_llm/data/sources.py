@@ -84,6 +84,9 @@ def _load_source(source: str, text_field: str, exts: Optional[set]) -> List[Docu
         return _load_directory(path, text_field, exts)
     if path.is_file():
         return _load_file(path, path.name, text_field, must_be_text=True)
+    if path.exists():
+        raise UserError(f"data source {source} is not a regular file or a directory (a device, FIFO or socket "
+                        f"is never read: it may not end)")
     if GLOB_CHARS & set(source):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
         files = [p for p in matches if p.is_file() and (exts is None or p.suffix.lower() in exts)]
@@ -118,6 +121,18 @@ def _walk(root: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.as_posix())
 
 
+MAX_STREAM_BYTES = 256 << 20
+
+
+def read_stream_text(stream, what: str = "standard input") -> str:
+    """Text read from a stream (standard input), at most MAX_STREAM_BYTES: a UserError past that, so an
+    endless stream (``< /dev/zero``) ends in a message instead of exhausting memory."""
+    data = stream.buffer.read(MAX_STREAM_BYTES + 1) if hasattr(stream, "buffer") else stream.read(MAX_STREAM_BYTES + 1)
+    if len(data) > MAX_STREAM_BYTES:
+        raise UserError(f"{what} holds more than {MAX_STREAM_BYTES >> 20} MiB; pass a file instead")
+    return decode_text(data, Path(what)) if isinstance(data, bytes) else data
+
+
 def read_text_file(path: str | Path) -> str:
     """A text file's contents (see :func:`decode_text`); a UserError when unreadable or binary."""
     text = _read_text(Path(path), must_be_text=True)
@@ -126,6 +141,8 @@ def read_text_file(path: str | Path) -> str:
 
 
 def _read_text(path: Path, must_be_text: bool) -> Optional[str]:
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: reading could never end
+        raise UserError(f"{path} is not a regular file (a device, FIFO or socket is never read)")
     try:
         data = path.read_bytes()
     except OSError as exc:

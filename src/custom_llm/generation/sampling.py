@@ -49,12 +49,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be a finite number >= 0 (got {self.temperature})"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (got {self.top_k})"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
             (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1] (got {self.min_p})"),
             (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+             f"repetition_penalty must be a finite number > 0 (got {self.repetition_penalty})"),
             (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})"),
             (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,

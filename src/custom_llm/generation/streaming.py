@@ -75,5 +75,5 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, max_seq_len: int,
     if room <= 0:
         raise UserError(f"the prompt is {prompt_len} tokens and fills the model's context of {max_seq_len} "
                         "tokens (max_seq_len): no room to generate; shorten it")
-    return room, (f"note: generating at most {room} new tokens: the prompt ({prompt_len} tokens) plus new tokens "
+    return room, (f"note: generating at most {room} new token{'s' if room > 1 else ''}: the prompt ({prompt_len} tokens) plus new tokens "
                   f"must fit the model's context of {max_seq_len} tokens (max_seq_len)")

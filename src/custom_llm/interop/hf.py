@@ -28,6 +28,7 @@ from ..checkpoint_io import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_checkp
                              resolve_checkpoint_dir, save_model, write_json)
 from ..config import ModelConfig
 from ..errors import UserError
+from ..fsutil import disk_full_is_user_error
 from .hf_config import choose_architecture, hf_config_to_model_config, model_config_to_hf_config
 from .hf_tokenizer import export_tokenizer, import_tokenizer
 from .hf_weights import from_hf_state, read_hf_tensors, to_hf_state
@@ -59,12 +60,15 @@ def load_hf_model(path: Union[str, Path], device: Union[str, torch.device] = "cp
 def _staged_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` that becomes ``out_dir`` on success and vanishes on failure."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder {out_dir} is an existing file; give a folder path")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"output folder {out_dir} already exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        yield tmp
+        with disk_full_is_user_error(out_dir, f"nothing was written to {out_dir}"):
+            yield tmp
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -119,7 +123,7 @@ def export_hf(source: Union[str, Path, torch.nn.Module], out_dir: Union[str, Pat
             export_tokenizer(tokenizer, tmp, config.max_seq_len)
         else:
             log.warning("no tokenizer: the exported folder has none (AutoTokenizer will not load it)")
-    log.info("exported %s (%s) to %s", hf_config["architectures"][0], dtype_name, out_dir)
+    log.debug("exported %s (%s) to %s", hf_config["architectures"][0], dtype_name, out_dir)  # the CLI prints it
     return out_dir
 
 
@@ -132,5 +136,5 @@ def import_hf(hf_dir: Union[str, Path], out_ckpt_dir: Union[str, Path]) -> Path:
         save_model(model, tmp, extra_config={"imported_from": str(hf_dir.resolve())})
         if not import_tokenizer(hf_dir, tmp):
             log.warning("%s has no tokenizer.json: the checkpoint has no tokenizer", hf_dir)
-    log.info("imported %s into %s", hf_dir, out)
+    log.debug("imported %s into %s", hf_dir, out)  # the CLI prints the result
     return out

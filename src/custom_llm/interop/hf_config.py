@@ -194,6 +194,32 @@ def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelCon
         raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu / SwiGLU)")
     if hf.get("mlp_bias"):
         raise UserError(f"{source}: mlp_bias=true is not supported")
+    _check_positive_ints(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                              "intermediate_size"), source)
+    try:
+        return _model_config(hf, model_type, defaults, get, source)
+    except UserError:  # already names the problem (an invalid resulting ModelConfig, an unsupported feature)
+        raise
+    except (KeyError, TypeError, ValueError) as exc:  # a field of the wrong kind that the checks above do not cover
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else f"malformed field ({exc})"
+        raise UserError(f"{source}: {what}") from None
+
+
+def _check_positive_ints(hf: dict, keys: tuple, source: str) -> None:
+    """One UserError naming every required size field that is missing or not a positive integer."""
+    problems = []
+    for key in keys:
+        value = hf.get(key)
+        if value is None:
+            problems.append(f"{key} is missing")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key} must be a positive integer (got {value!r})")
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+
+
+def _model_config(hf: dict, model_type: str, defaults: dict, get, source: str) -> ModelConfig:
+    """The field mapping itself (sizes already checked by :func:`_check_positive_ints`)."""
     n_layers, n_heads = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
     head_dim = get("head_dim") or hf["hidden_size"] // n_heads
     fields: dict[str, Any] = dict(

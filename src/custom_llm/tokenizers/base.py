@@ -16,12 +16,32 @@ import codecs
 from abc import ABC, abstractmethod
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..fsutil import atomic_write
 from .chat_template import PLAIN_TEMPLATE, RenderedChat, check_messages, render
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_warned_surrogates = False
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates (undecodable bytes of a command-line argument, a broken string)
+    replaced by U+FFFD, said once per process: the one rule for text no encoding can represent,
+    applied by every tokenizer's ``encode`` (the same replacement ``--prompt-file`` applies to bytes)."""
+    global _warned_surrogates
+    if text.isascii() or not _SURROGATES.search(text):
+        return text
+    if not _warned_surrogates:
+        _warned_surrogates = True
+        logging.getLogger("custom_llm").warning("text holds characters that are not valid Unicode (lone "
+                                                "surrogates, e.g. from undecodable bytes); encoded as U+FFFD")
+    return _SURROGATES.sub("\ufffd", text)
+
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)

@@ -28,6 +28,7 @@ import torch
 from ..checkpoint_io import (CONFIG_FILE, WEIGHTS_FILE, list_checkpoints, load_state_into, read_json, save_model,
                              write_json)
 from ..errors import UserError
+from ..fsutil import disk_full_is_user_error
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -125,14 +126,21 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}.tmp-", dir=run_dir))
-    save_model(model, tmp, extra_config={k: v for k, v in config.items() if k not in ("format", "model")})
-    tensors, rest = flatten_optimizer_state(optimizer.state_dict())
-    meta = {"json": json.dumps({"optimizer": rest, "scaler": scaler_state})}
-    save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=meta)
-    write_json(tmp / STATE_FILE, trainer_state)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    _fsync_tree(tmp)
+    last = latest_checkpoint(run_dir)
+    kept = f"the last complete checkpoint, {last.name}, is intact" if last else "no earlier checkpoint exists"
+    try:
+        with disk_full_is_user_error(run_dir, f"checkpoint {step} was not written and {kept}"):
+            save_model(model, tmp, extra_config={k: v for k, v in config.items() if k not in ("format", "model")})
+            tensors, rest = flatten_optimizer_state(optimizer.state_dict())
+            meta = {"json": json.dumps({"optimizer": rest, "scaler": scaler_state})}
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=meta)
+            write_json(tmp / STATE_FILE, trainer_state)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint never stays behind
+        raise
     return publish(tmp, run_dir, step, keep)
 
 

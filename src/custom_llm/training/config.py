@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import MODEL_PRESETS, ModelConfig, _is_int, _is_number, from_dict, load_config_file, to_dict
+from ..config import MAX_SEED, MODEL_PRESETS, ModelConfig, _is_int, _is_number, from_dict, load_config_file, to_dict
 from ..errors import ConfigError
 from ..tokenizers import KINDS
 from .curriculum import LR_RULES, CurriculumStage
@@ -141,7 +141,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "eval_batch_size",
                      "log_every", "keep_checkpoints", "max_bad_steps", "curriculum_patience"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"train.{name} must be an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed", "sample_tokens"):
+        need(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, f"train.seed must be an integer in [0, {MAX_SEED}]")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, f"train.{name} must be an integer >= 0")
         need(self.seq_len is None or (_is_int(self.seq_len) and self.seq_len >= 1), "train.seq_len must be a positive integer or null")
         need(_is_number(self.lr) and self.lr > 0, "train.lr must be > 0")

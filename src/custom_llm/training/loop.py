@@ -28,21 +28,23 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ModelConfig
-from ..errors import UserError
 from ..dcp_io import is_sharded
+from ..errors import UserError
+from ..fsutil import run_dir_lock
 from ..model.loss import perplexity
 from . import curriculum as cur
 from .checkpoint import (latest_checkpoint, load_optimizer, load_trainer_state, load_weights, remove_leftovers,
                          save_checkpoint, weights_are_finite)
 from .config import TrainConfig, run_config_dict
+from .dcp import load_sharded_checkpoint, refuse_full_into_sharded, save_sharded_checkpoint, weights_finite_everywhere
 from .distributed import OOM_HINT, barrier, is_out_of_memory, peak_flops
 from .metrics import METRICS_FILE, RunLog
-from .dcp import load_sharded_checkpoint, refuse_full_into_sharded, save_sharded_checkpoint, weights_finite_everywhere
 from .parts import TrainingParts, build_parts
 from .plan import StepPlan, plan_step
 from .plots import plot_losses
@@ -83,8 +85,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, run_dir: Path, d
 def train_loop(parts: TrainingParts, run_dir: Path, dataset: Any, tokenizer: Any = None, *, resume: bool = False,
                progress: bool = True, reference_loss: Optional[float] = None) -> TrainResult:
     """Train ``parts`` from a fresh start or the newest checkpoint in ``run_dir`` to ``max_steps``
-    (or until a signal or the time limit), logging and saving on the way."""
-    tc, rt, run_dir = parts.tc, parts.rt, Path(run_dir)
+    (or until a signal or the time limit), logging and saving on the way. Rank 0 owns ``run_dir``
+    (its lock) for the whole run, so a second run into the same directory is refused."""
+    with run_dir_lock(run_dir) if parts.rt.is_main else nullcontext():
+        return _train_loop(parts, Path(run_dir), dataset, tokenizer, resume, progress, reference_loss)
+
+
+def _train_loop(parts: TrainingParts, run_dir: Path, dataset: Any, tokenizer: Any, resume: bool, progress: bool,
+                reference_loss: Optional[float]) -> TrainResult:
+    tc, rt = parts.tc, parts.rt
     state, resumed_from = start_state(parts, run_dir, resume)
     saver = _Saver(parts, run_dir, tokenizer, reference_loss)
     peak, peak_note = peak_flops(rt)

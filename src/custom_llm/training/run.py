@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 
 from ..checkpoint_io import parameter_shapes, read_json
 from ..config import ModelConfig
 from ..errors import UserError
-from ..fsutil import check_writable_dir
+from ..fsutil import check_run_dir_free, check_writable_dir, run_dir_lock
 from .checkpoint import latest_checkpoint, remove_leftovers
 from .config import TrainConfig, check_run_config, load_config_file, resolve_run_config
 from .compiling import use_compile
@@ -50,6 +50,7 @@ def resolve_job(preset: Optional[str], config_file: Optional[str], overrides: di
         preset = "tiny"
     name = preset or Path(config_file).stem
     out_dir = Path(out) if out else Path("runs") / name
+    check_run_dir_free(out_dir)  # a run writing there now: say so before judging its checkpoints
     ckpt = latest_checkpoint(out_dir)
     # With --resume/--init the weights fix the architecture: the config file's model section (often the
     # one that started the run) is not applied, explicit --model.* flags are, if they keep the parameters.
@@ -115,7 +116,8 @@ def run_job(job: Job, progress: bool = True, init: Optional[tuple[ModelConfig, d
     """
     runtime = init_runtime(job.train.device, job.train.precision)
     try:
-        return _run(job, runtime, progress, init, sample)
+        with run_dir_lock(job.out) if runtime.is_main else nullcontext():  # before anything is written there
+            return _run(job, runtime, progress, init, sample)
     finally:
         shutdown(runtime)  # leave the process group (torchrun) once the job is over
 
