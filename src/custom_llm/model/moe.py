@@ -259,8 +259,11 @@ class MoE(nn.Module):
         return logits, probs, weights, idx
 
     def _dispatch_path(self, x: torch.Tensor) -> Callable:
-        path = resolve_dispatch(self.dispatch, x.device.type, _grouped_mm_dtype(x), torch.compiler.is_compiling(),
-                                self._decoding(x.shape[0]), self.aligned)
+        compiling = torch.compiler.is_compiling()
+        # Compiled code decides once at trace time; the cache is for eager calls (dynamo ignores lru_cache).
+        resolve = resolve_dispatch.__wrapped__ if compiling else resolve_dispatch
+        path = resolve(self.dispatch, x.device.type, _grouped_mm_dtype(x), compiling, self._decoding(x.shape[0]),
+                       self.aligned)
         return getattr(self.experts, f"forward_{path}")
 
     @staticmethod
