@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ..model.moe import GATHER_MAX_TOKENS_COMPILED
 from .decode_step import CompiledDecodeStep, compile_static, decode_precision
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
@@ -64,9 +65,9 @@ def compile_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return compile_static(decode_one_token, device)
 
 
-# Batch sizes up to this are rounded up to a power of two; larger ones to a multiple of it.
-# It is also the most tokens for which compiled MoE decoding takes the static-shape path.
-BATCH_BUCKET_LIMIT = 64
+# Batch sizes up to this are rounded up to a power of two; larger ones to a multiple of it. It is the
+# model's limit for compiled MoE decoding's static-shape path, so every bucket up to it takes that path.
+BATCH_BUCKET_LIMIT = GATHER_MAX_TOKENS_COMPILED
 
 
 def batch_bucket(batch_size: int) -> int:
