@@ -10,6 +10,7 @@ adapter in PEFT's format; ``custom-llm chat --ckpt OUT`` talks to the result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=2.0, help=sft_docs["epochs"] + " (default 2)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: from --epochs)")
     p.add_argument("--no-packing", action="store_true", help="one conversation per row instead of packing")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in backward: less activation memory for some time (with --lora, "
+                        "weights then dominate the step's memory; see bench lora_memory)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen model (implied by --lora.*)")
     for name in LORA_FLAGS:
         p.add_argument(f"--lora.{name}", dest=f"lora.{name}", default=None, metavar="VALUE",
@@ -113,6 +117,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if sft.epochs <= 0:
         raise UserError(f"--epochs must be > 0 (got {args.epochs})")
     model, tokenizer = load_model(init), load_tokenizer(init)
+    if args.grad_checkpointing:
+        model.config = dataclasses.replace(model.config, grad_checkpointing=True)
     result = run_sft(model, tokenizer, sft, overrides, Path(args.out), lora=lora, resume=args.resume,
                      progress=not args.no_progress, init=str(init))
     run = result.train
