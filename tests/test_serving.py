@@ -4,6 +4,7 @@
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -262,16 +263,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert metric(server, "custom_llm_active_slots") == 0
 
 
-def test_disconnect_frees_the_slot(server, served):
-    body = {"prompt": "Hello", "max_tokens": 90, "stream": True}
+def test_disconnect_frees_the_slot(server, served, monkeypatch):
+    long = next(p for p in PROMPTS if len(reference(served, served.prompt_ids(p), 80)) == 80)  # greedy: no early stop
+    decode = served.engine._decode
+    monkeypatch.setattr(served.engine, "_decode", lambda active: time.sleep(0.02) or decode(active))  # >= 1.6 s in all
+    before = metric(server, "custom_llm_generation_tokens_total")
+    body = {"prompt": long, "max_tokens": 80, "temperature": 0, "stream": True}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as response:
-        lines = response.iter_lines()
-        next(lines)
+        next(response.iter_lines())
         assert served.engine.active_slots == 1
     deadline = time.time() + 5
     while served.engine.active_slots and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert served.engine.active_slots == 0
+    assert metric(server, "custom_llm_generation_tokens_total") - before < 40  # cancelled, not run to the end
 
 
 def test_queue_bound_gives_503_then_recovers(ckpt):
@@ -377,6 +382,17 @@ def test_cli_serve(ckpt, tmp_path):
     finally:
         proc.send_signal(2)
         proc.wait(timeout=20)
-    bad = subprocess.run([*CLI, "serve", "--ckpt", str(tmp_path / "none")],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint not found")
+
+
+def test_cli_serve_user_errors(ckpt, tmp_path, capsys):
+    from custom_llm.cli import main
+
+    assert main(["serve", "--ckpt", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint not found")
+    assert main(["serve", "--ckpt", str(ckpt), "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-batch must be >= 1 (got 0)\n"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--ckpt", str(ckpt), "--port", str(taken.getsockname()[1])]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot listen on 127.0.0.1:")
