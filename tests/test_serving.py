@@ -241,7 +241,13 @@ BAD = [
 ]
 
 
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, served):
+    expected = served.tokenizer.decode(reference(served, served.prompt_ids("lazy dog"), 60))
+    in_flight = {}
+    thread = threading.Thread(target=lambda: in_flight.update(text="".join(
+        c.choices[0].text for c in client.completions.create(model="tiny-chat", prompt="lazy dog", max_tokens=60,
+                                                              temperature=0, stream=True))))
+    thread.start()  # a good request streams while the bad ones arrive
     for payload, status, param in BAD:
         kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
         response = httpx.post(server + "/v1/chat/completions", timeout=30, **kwargs)
@@ -258,6 +264,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x", max_tokens=2)
+    thread.join(60)
+    assert in_flight["text"] == expected
     ok = client.completions.create(model="tiny-chat", prompt="fox", max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert metric(server, "custom_llm_active_slots") == 0
