@@ -166,3 +166,15 @@ def test_logprobs_match_log_softmax():
         assert step.top_logprobs[0][0] == step.token  # greedy picks the most likely
     chosen, values, ids = token_logprobs(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), 1)
     assert chosen.item() == pytest.approx(-1.3132617) and ids.tolist() == [[1]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None and __import__("shutil").which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_batched_step_equals_reference_on_cpu():
+    """The compiled step (all slots, whole cache read, inductor C++) gives the reference's greedy tokens."""
+    model = tiny_model(sliding_window=6, window_pattern="SL")
+    ref = [generate_without_cache(model, p, 20) for p in PROMPTS]
+    engine = BatchEngine(model, max_batch=4, compile=True)
+    assert engine.generate_batch(PROMPTS, 20) == ref
+    assert engine._step is not None  # compiled, not the eager fallback
