@@ -28,11 +28,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgumentParser:
     from . import bench, chat, eval, finetune, generate, interop, quantize, report, serve, tokenizer, train
+    from . import consolidate, plan
 
     parser = ArgumentParser(prog="custom-llm", description="Train, run and exchange modern decoder-only LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for module in (train, finetune, generate, eval, interop, bench, tokenizer, quantize, serve, chat, report):
+    for module in (train, finetune, generate, eval, interop, bench, tokenizer, quantize, serve, chat, report, consolidate, plan):
         module.register(sub)
     return parser
 
