@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .decode_step import CompiledDecodeStep
 from .generate import GREEDY, compile_decode_step, decode_one_token, prefill, store_weights_transposed
 from .kv_cache import SlotKVCache
 from .sampling import SamplingParams, sample, token_logprobs
@@ -122,7 +123,9 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self._step = compile_decode_step(self.device) if self.compile else None
+        self._step: Optional[CompiledDecodeStep] = None
+        if self.compile:  # on a failure to compile it warns once and runs the eager function: see _decode
+            self._step = CompiledDecodeStep(compile_decode_step(self.device), decode_one_token)
         self._grad_mode = torch.no_grad if self.compile else torch.inference_mode
 
     # ----- submitting -------------------------------------------------------------------------
@@ -295,15 +298,12 @@ class BatchEngine:
         times = [s.time if s else 0 for s in rows]
         time = torch.tensor(times, dtype=torch.long, device=self.device)  # (n,)
         if self._step is not None:
-            try:
-                return self._step(self.model, cache, tokens, time).clone()  # clone: a replay reuses its output
-            except Exception as error:  # noqa: BLE001 - a compiler failure; eager is always correct
-                if self.decode_steps:
-                    raise
-                log.warning("compiling the batched decode step failed (%s); decoding eagerly", type(error).__name__)
+            # Every compiled call has the same cache tensors and shapes, so after the first one the
+            # step may skip dynamo's guards (see CompiledDecodeStep).
+            logits = self._step(self.model, cache, tokens, time, inputs_seen=self.decode_steps > 0)
+            if self._step.state == "eager":  # compiling failed: from now on the eager path below
                 self._step = None
-                n = active[-1] + 1
-                tokens, time, times = tokens[:n], time[:n], times[:n]
+            return logits
         read_len = max(times) + 1 if self.bounded else None
         return decode_one_token(self.model, cache.rows(0, n), tokens, time, read_len)
 
