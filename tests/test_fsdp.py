@@ -258,3 +258,33 @@ def test_fsdp_refuses_what_it_cannot_run():
         TrainConfig(parallel="zero")
     with pytest.raises(ConfigError, match="fsdp does not support model.layerdrop"):
         check_run_config(ModelConfig(layerdrop=0.1), TrainConfig(parallel="fsdp"))
+
+
+@pytest.mark.parametrize("saved_ranks,resumed_ranks", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_loader_resumes_the_global_batch_stream_on_another_world_size(saved_ranks, resumed_ranks):
+    """The loader draws each global batch from one generator; a state saved by W ranks continues the same
+    global stream on W' ranks (rank r of W' reads rows r*B/W' .. of each global batch)."""
+    import numpy as np
+
+    from custom_llm.data.loader import BatchLoader
+
+    tokens = np.arange(5000, dtype=np.uint16) % 997
+    B, T = 8, 16
+
+    def loaders(ranks):
+        return [BatchLoader(tokens, B // ranks, T, seed=3, rank=r, world_size=ranks) for r in range(ranks)]
+
+    def global_batch(group):
+        return np.concatenate([loader.next_batch()[0] for loader in group])  # (B, T), rank order
+
+    uninterrupted = loaders(1)[0:1]
+    expected = [global_batch(uninterrupted) for _ in range(6)]
+    before = loaders(saved_ranks)
+    for step in range(3):
+        np.testing.assert_array_equal(global_batch(before), expected[step])
+    state = json.loads(json.dumps(before[0].state_dict()))  # rank 0's state, through JSON as a checkpoint keeps it
+    after = loaders(resumed_ranks)
+    for loader in after:
+        loader.load_state_dict(state)
+    for step in range(3, 6):
+        np.testing.assert_array_equal(global_batch(after), expected[step])
