@@ -12,7 +12,7 @@ from custom_llm import ModelConfig, Transformer
 from custom_llm.checkpoint_io import save_model
 from custom_llm.cli import main
 from custom_llm.evaluation import scoring
-from custom_llm.evaluation.scoring import plan_batches, score_requests, split_request
+from custom_llm.evaluation.scoring import plan_groups, score_requests, split_request
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'custom-llm[test]')")
 pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate")
@@ -155,15 +155,19 @@ def test_scoring_equals_a_full_forward_per_request(fields):
 def test_a_shared_context_runs_once(monkeypatch):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)).eval()
-    runs = []
-    real = scoring.prefill
-    monkeypatch.setattr(scoring, "prefill", lambda m, cache, tokens: runs.append(tuple(tokens.shape)) or real(m, cache, tokens))
-    questions = [list(range(i, i + 10)) for i in range(3)]
+    prefills, tails = [], []
+    real_prefill, real_tails = scoring.prefill, scoring._tail_logits
+    monkeypatch.setattr(scoring, "prefill", lambda m, cache, tokens: prefills.append(tuple(tokens.shape))
+                        or real_prefill(m, cache, tokens))
+    monkeypatch.setattr(scoring, "_tail_logits", lambda *a: tails.append(len(a[3])) or real_tails(*a))
+    questions = [list(range(i, i + 10 + i)) for i in range(3)]  # contexts of 10, 11, 12 tokens
     requests = [(q, [40 + c, 41]) for q in questions for c in range(4)]  # 3 questions x 4 choices
-    score_requests(model, requests, max_length=32, batch_size=4)
-    assert runs == [(1, 10)] * 3  # each context's forward pass once, its four choices on copies of its cache
+    score_requests(model, requests, max_length=32, batch_size=2)
+    # Passes of at most 2 sequences: the two longest contexts together, then the third; the twelve
+    # choices' one-token tails two rows at a time.
+    assert prefills == [(2, 12), (1, 10)] and tails == [2] * 6
     items = [split_request(c, k, 32) for c, k in requests]
-    assert [sorted(b) for b in plan_batches(items, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [sorted(g) for g in plan_groups(items, 2)] == [list(range(4, 12)), list(range(4))]
 
 
 def test_generate_until_honours_stop_strings(pair):

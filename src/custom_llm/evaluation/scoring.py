@@ -14,15 +14,19 @@ That input is split into
 * the *tail*: the remaining inputs (the continuation without its last token).
 
 Why it is fast. Multiple-choice tasks ask for several continuations of one context. Requests with
-the same prefix share one forward pass over it: the prefixes of a batch run once each (left-padded
-into a :class:`~custom_llm.generation.KVCache`), their keys and values are copied to every row that
-continues them, and only the tails run per row, attending to the cached prefix. The LM head and the
+the same prefix share one forward pass over it. Work goes in *prefix groups*: up to ``batch_size``
+distinct prefixes run together in one forward pass (left-padded into a
+:class:`~custom_llm.generation.KVCache`); then the rows that continue them run in forward passes of
+up to ``batch_size`` rows, each row on a copy of its prefix's keys and values, computing only its
+tail. No forward pass holds more than ``batch_size`` sequences, as in ``HFLM``, but a four-choice
+question costs one context and four short tails instead of four whole sequences. The LM head and the
 softmax run only where a continuation token is scored, not over every padded position. Requests are
-sorted by prefix length (longest first, so the first batch shows the memory peak) and equal prefixes
-are kept side by side, so batches are dense and reuse is maximal.
+sorted by prefix length (longest first, so the first group shows the memory peak) with equal prefixes
+side by side, so passes are dense and reuse is maximal.
 
-Legend: B rows (requests) in a batch, U distinct prefixes in it, P padded prefix length,
-C padded tail length, N scored tokens in the batch, V vocabulary, D model width.
+Legend: B rows (requests) in a forward pass, U distinct prefixes in a group, P padded prefix length,
+C longest tail in a group, T padded tail length of a pass, M real tail tokens of a pass, N scored
+tokens of a pass, V vocabulary, D model width, K kv heads, S cache slots.
 """
 
 from __future__ import annotations
@@ -59,10 +63,20 @@ def split_request(context: Sequence[int], continuation: Sequence[int], max_lengt
     return Scored(tuple(inputs[:cut]), tuple(inputs[cut:]), tuple(continuation))
 
 
-def plan_batches(items: Sequence[Scored], batch_size: int) -> list[list[int]]:
-    """Indices of ``items`` in batches of at most ``batch_size``: longest prefix first, equal prefixes adjacent."""
+def plan_groups(items: Sequence[Scored], batch_size: int) -> list[list[int]]:
+    """Indices of ``items`` in prefix groups of at most ``batch_size`` distinct prefixes, longest prefix
+    first; a group's rows are in order (equal prefixes adjacent, longer tails first)."""
     order = sorted(range(len(items)), key=lambda i: (-len(items[i].prefix), items[i].prefix, -len(items[i].tail)))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: list[list[int]] = []
+    distinct = 0
+    for i in order:
+        new_prefix = not groups or items[groups[-1][-1]].prefix != items[i].prefix
+        if not groups or (new_prefix and distinct == batch_size):
+            groups.append([])
+            distinct = 0
+        distinct += new_prefix
+        groups[-1].append(i)
+    return groups
 
 
 def score_requests(model: torch.nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -70,33 +84,46 @@ def score_requests(model: torch.nn.Module, requests: Sequence[tuple[Sequence[int
     """(sum of log p(continuation | context), greedy?) for each (context ids, continuation ids) request."""
     items = [split_request(context, continuation, max_length) for context, continuation in requests]
     results: list[tuple[float, bool]] = [(0.0, False)] * len(items)
-    for batch in plan_batches(items, batch_size):
-        for index, answer in zip(batch, score_batch(model, [items[i] for i in batch])):
+    for group in plan_groups(items, batch_size):
+        for index, answer in zip(group, score_group(model, [items[i] for i in group], batch_size)):
             results[index] = answer
     return results
 
 
 @torch.inference_mode()
-def score_batch(model: torch.nn.Module, rows: Sequence[Scored]) -> list[tuple[float, bool]]:
-    """Score one batch: each distinct prefix once, then every row's tail on a copy of its prefix's cache."""
+def score_group(model: torch.nn.Module, rows: Sequence[Scored], batch_size: int) -> list[tuple[float, bool]]:
+    """Score one prefix group: its distinct prefixes in one pass, then its rows' tails ``batch_size`` at a time."""
     device = model.embed_tokens.weight.device
     prefixes = list(dict.fromkeys(row.prefix for row in rows))  # distinct, in order
-    which = torch.tensor([prefixes.index(row.prefix) for row in rows], device=device)  # (B,) row -> prefix
+    index_of = {prefix: u for u, prefix in enumerate(prefixes)}
     P = max(len(p) for p in prefixes)
     C = max(len(row.tail) for row in rows)
 
+    # One layout (P + C slots) for the prefix cache and every row cache, so whole buffers copy across.
     cache = KVCache.for_model(model, len(prefixes), P + C)
     tokens = torch.zeros(len(prefixes), P, dtype=torch.long)  # (U, P), left-padded
     for u, prefix in enumerate(prefixes):
-        tokens[u, P - len(prefix):] = torch.tensor(prefix)
+        tokens[u, P - len(prefix):] = torch.tensor(prefix, dtype=torch.long)
     cache.reset(torch.tensor([P - len(p) for p in prefixes], device=device))
     first = prefill(model, cache, tokens.to(device))  # (U, V): the logits for each prefix's first target
 
+    answers: list[tuple[float, bool]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        which = torch.tensor([index_of[row.prefix] for row in chunk], device=device)  # (B,) row -> prefix
+        answers += _score_rows(model, cache, first, which, chunk, P, C)
+    return answers
+
+
+def _score_rows(model: torch.nn.Module, cache: KVCache, first: torch.Tensor, which: torch.Tensor,
+                rows: Sequence[Scored], P: int, C: int) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy?) of rows whose prefixes are in ``cache`` (``first``: their next-token logits)."""
+    device = which.device
     # Flat lists of scored positions: every row's first target, then the targets its tail predicts.
     logits = [first.index_select(0, which)]  # (B, V)
     targets = [row.targets[0] for row in rows]
     row_of = list(range(len(rows)))
-    if C > 0:
+    if any(row.tail for row in rows):
         logits.append(_tail_logits(model, cache, which, rows, P, C))  # (M, V), row-major over real tail slots
         for b, row in enumerate(rows):
             targets.extend(row.targets[1:])
@@ -113,24 +140,24 @@ def score_batch(model: torch.nn.Module, rows: Sequence[Scored]) -> list[tuple[fl
 
 def _tail_logits(model: torch.nn.Module, prefix_cache: KVCache, which: torch.Tensor, rows: Sequence[Scored],
                  P: int, C: int) -> torch.Tensor:
-    """Logits (M, V) at the M real tail positions of the batch (row by row), after each row's prefix.
+    """Logits (M, V) at the M real tail positions of ``rows`` (row by row), after each row's prefix.
 
     Every row gets a copy of its prefix's cached keys and values and runs its tail at times
-    P .. P + C - 1. Tails are right-padded; causal attention keeps that padding invisible to the
-    real tokens before it. The LM head runs only on the real positions.
+    P .. P + T - 1 (T: the longest tail here). Tails are right-padded; causal attention keeps that
+    padding invisible to the real tokens before it. The LM head runs only on the real positions.
     """
     device = which.device
-    B = len(rows)
+    B, T = len(rows), max(len(row.tail) for row in rows)
     cache = KVCache.for_model(model, B, P + C)
     for mine, theirs in zip(cache.keys + cache.values, prefix_cache.keys + prefix_cache.values):
         mine.copy_(theirs.index_select(0, which))  # (B, K, S, D): each row starts from its prefix's keys
     pad = prefix_cache.pad.index_select(0, which)  # (B,)
     cache.reset(pad)
-    tokens = torch.zeros(B, C, dtype=torch.long)
+    tokens = torch.zeros(B, T, dtype=torch.long)
     for b, row in enumerate(rows):
         tokens[b, :len(row.tail)] = torch.tensor(row.tail, dtype=torch.long)
-    positions = torch.arange(P, P + C, device=device) - pad.unsqueeze(1)  # (B, C)
-    hidden = model.hidden_states(tokens.to(device), positions=positions, kv_cache=cache.prefill_view(P, C))  # (B, C, D)
+    positions = torch.arange(P, P + T, device=device) - pad.unsqueeze(1)  # (B, T)
+    hidden = model.hidden_states(tokens.to(device), positions=positions, kv_cache=cache.prefill_view(P, T))  # (B, T, D)
     lengths = torch.tensor([len(row.tail) for row in rows], device=device)  # (B,)
-    real = torch.arange(C, device=device) < lengths.unsqueeze(1)  # (B, C)
+    real = torch.arange(T, device=device) < lengths.unsqueeze(1)  # (B, T)
     return model.lm_head(hidden[real])  # (M, V)
