@@ -158,6 +158,14 @@ def test_sse_wire_format(server):
     assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length") and payloads[-2]["choices"][0]["delta"] == {}
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["total_tokens"] > 0
     assert all(p["usage"] is None for p in payloads[:-1])
+    body = {**body, "n": 2, "temperature": 0, "stream_options": None}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=30) as response:
+        payloads = [json.loads(e[6:]) for e in response.read().decode().split("\n\n") if e.startswith("data: {")]
+    choices = [p["choices"][0] for p in payloads]
+    assert [c["index"] for c in choices if c["delta"].get("role")] == [0, 1]  # each choice opens with the role
+    assert sorted(c["index"] for c in choices if c["finish_reason"]) == [0, 1]
+    texts = ["".join(c["delta"].get("content") or "" for c in choices if c["index"] == i) for i in (0, 1)]
+    assert texts[0] == texts[1]  # greedy: both choices alike
 
 
 def test_seed_n_and_independence_from_neighbours(client):
