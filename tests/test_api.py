@@ -63,7 +63,8 @@ def test_cli_lists_every_subcommand(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    expected = {"train", "generate", "eval", "export", "import", "bench", "tokenizer"}
+    expected = {"train", "finetune", "generate", "chat", "serve", "eval", "report", "export", "import", "quantize",
+                "consolidate", "plan", "bench", "tokenizer"}
     # The parser's sub-command choices, exactly.
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == expected

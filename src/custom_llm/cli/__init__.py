@@ -15,9 +15,6 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 
-COMMANDS = ("train", "generate", "eval", "export", "import", "bench", "tokenizer", "quantize", "serve")
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one ``error:`` line (no usage dump) and exit code 2."""
 
@@ -27,13 +24,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    from . import bench, chat, eval, finetune, generate, interop, quantize, report, serve, tokenizer, train
-    from . import consolidate, plan
+    from . import (bench, chat, consolidate, eval, finetune, generate, interop, plan, quantize, report, serve,
+                   tokenizer, train)
 
     parser = ArgumentParser(prog="custom-llm", description="Train, run and exchange modern decoder-only LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for module in (train, finetune, generate, eval, interop, bench, tokenizer, quantize, serve, chat, report, consolidate, plan):
+    # In the order of a user's day: train, use, evaluate, exchange, measure.
+    for module in (train, finetune, generate, chat, serve, eval, report, interop, quantize, consolidate, plan, bench,
+                   tokenizer):
         module.register(sub)
     return parser
 
