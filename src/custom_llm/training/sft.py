@@ -208,6 +208,8 @@ def build_sft_parts(model: nn.Module, tc: TrainConfig, data: ChatData, lora: Opt
 
     mc: ModelConfig = model.config
     check_run_config(mc, tc)
+    if getattr(tc, "parallel", "ddp") == "fsdp":
+        raise UserError("fine-tuning runs data-parallel (train.parallel ddp); FSDP is for pre-training here")
     rt = init_runtime(tc.device, tc.precision)
     check_batch_splits(tc, rt.world_size)
     torch.manual_seed(tc.seed)
@@ -225,7 +227,7 @@ def build_sft_parts(model: nn.Module, tc: TrainConfig, data: ChatData, lora: Opt
     compiled = use_compile(tc.compile, rt.device)
     if compiled:
         model.compile_blocks()
-    net = _wrap(SFTLoss(model, data.packing), mc, rt)
+    net = _wrap(SFTLoss(model, data.packing), mc, tc, rt)
     return TrainingParts(mc, tc, rt, model, net, optimizer, _make_scaler(rt), loader, compiled)
 
 
