@@ -192,6 +192,21 @@ def test_moe_fsdp_follows_one_process(tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_fsdp_with_compiled_blocks_lion_and_uneven_eval_batches(tmp_path):
+    """Per-block torch.compile under fully_shard (CPU inductor: slow to compile), Lion on DTensor shards, and
+    3 validation batches over 2 ranks (each rank must run as many forwards as the other)."""
+    args = {"train": {"optimizer": "lion", "lr": 3e-4, "max_steps": 2, "save_every": 0, "eval_every": 2,
+                      "eval_batches": 3}}
+    single = run_job(tmp_path, "single", 1, args)
+    fsdp = run_job(tmp_path, "fsdp2", 2, {"train": {**args["train"], "compile": True}})
+    for step in single:
+        assert fsdp[step] == pytest.approx(single[step], rel=1e-5), step
+    val = [[r["val_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_loss" in r]
+           for name in ("single", "fsdp2")]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)
+
+
 def _start(tmp, name, args):
     script = tmp / "job.py"
     script.write_text(JOB)

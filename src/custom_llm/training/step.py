@@ -85,14 +85,16 @@ def evaluate(parts: TrainingParts, val_tokens: np.ndarray) -> float:
     starts = np.linspace(0, len(val_tokens) - T - 1, bs * n_batches).astype(np.int64)
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
     model.eval()
-    for b in range(rt.rank, n_batches, rt.world_size):
+    for b in range(rt.rank, -(-n_batches // rt.world_size) * rt.world_size, rt.world_size):
+        # every rank runs the same number of forwards (FSDP gathers weights collectively); extras count 0
+        weight, b = float(b < n_batches), min(b, n_batches - 1)
         rows = [np.asarray(val_tokens[s:s + T + 1], dtype=np.int64) for s in starts[b * bs:(b + 1) * bs]]
         seqs = torch.from_numpy(np.stack(rows)).to(rt.device)  # (bs, T + 1)
         with rt.autocast():
             logits = model(seqs[:, :-1])  # (bs, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
         count = torch.tensor(float(seqs[:, 1:].numel()), dtype=torch.float64, device=rt.device)
-        total += torch.stack([loss.double(), count])
+        total += weight * torch.stack([loss.double(), count])
     model.train()
     total = all_reduce_sum(total, rt)
     return float(total[0] / total[1])
