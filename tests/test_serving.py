@@ -274,6 +274,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         client.completions.create(model="other", prompt="x", max_tokens=2)
     thread.join(60)
     assert in_flight["text"] == expected
+    default = httpx.post(server + "/v1/completions", json={"prompt": "lazy dog", "temperature": 0}).json()
+    assert default["choices"][0]["text"] == served.tokenizer.decode(reference(served, served.prompt_ids("lazy dog"), 16))
+    assert default["usage"]["completion_tokens"] <= 16  # OpenAI's default for completions
     ok = client.completions.create(model="tiny-chat", prompt="fox", max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert metric(server, "custom_llm_active_slots") == 0

@@ -113,7 +113,8 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
 
     async def _generate(request: Request, prompts: list[list[int]], spec: GenerationSpec, chat: bool) -> Response:
         start = time.perf_counter()
-        max_tokens = _max_tokens(served, prompts, spec.max_tokens, "messages" if chat else "prompt")
+        max_tokens = _max_tokens(served, prompts, spec.max_tokens, "messages" if chat else "prompt",
+                                 spec.default_max_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         post = poster(loop, queue)
@@ -259,7 +260,8 @@ def _model_card(served: ServedModel) -> dict:
             "context_length": served.context_length, "max_model_len": served.context_length}
 
 
-def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: Optional[int], param: str) -> int:
+def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: Optional[int], param: str,
+                default: Optional[int] = None) -> int:
     """The tokens to generate: as asked when prompt + answer fit the context, else a 400 naming the limit."""
     context = served.context_length
     longest = max(len(p) for p in prompts)
@@ -270,7 +272,7 @@ def _max_tokens(served: ServedModel, prompts: list[list[int]], asked: Optional[i
                       f"resulted in {longest} tokens, leaving no room for an answer.", param, "context_length_exceeded")
     room = context - longest if served.engine.bounded else context
     if asked is None:
-        return room
+        return room if default is None else min(default, room)
     if served.engine.bounded and asked > room:
         raise invalid(f"This model's maximum context length is {context} tokens. However, you requested "
                       f"{longest + asked} tokens ({longest} in the {param}, {asked} for the completion). "

@@ -17,6 +17,7 @@ from ..generation.sampling import SamplingParams
 MAX_N = 16
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = ("system", "developer", "user", "assistant")
 
 # Features a request may ask for that this server does not have: a 400 naming them.
@@ -48,6 +49,7 @@ class GenerationSpec:
     """The generation fields shared by completions and chat completions, validated."""
 
     max_tokens: Optional[int]
+    """As asked; None: :attr:`default_max_tokens`, or the rest of the context."""
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
@@ -56,6 +58,8 @@ class GenerationSpec:
     include_usage: bool = False
     logprobs: Optional[int] = None
     """None: no log-probabilities; k >= 0: the chosen token's and the k most likely alternatives'."""
+    default_max_tokens: Optional[int] = None
+    """Completions default to 16 tokens, as OpenAI's do; chat to the rest of the context."""
 
 
 def _is_int(x: Any) -> bool:
@@ -151,6 +155,7 @@ def parse_generation(body: dict, *, chat: bool) -> GenerationSpec:
             raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
         spec.logprobs = (top or 0) if wants else None
     else:
+        spec.default_max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
         spec.logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
         if _boolean(body, "echo", False):
             raise invalid("not supported by this server: echo", "echo", "unsupported_parameter")
