@@ -217,6 +217,12 @@ def test_cli_runs_a_local_multiple_choice_task(pair, tmp_path, capsys):
     assert saved["ckpt"] == str(ckpt)
 
 
+def test_cli_runs_a_task_named_by_its_yaml_file(pair, capsys):
+    assert main(["eval", "--ckpt", str(pair[4]), "--tasks", str(TASKS / "tiny_next.yaml"), "--limit", "2",
+                 "--device", "cpu"]) == 0
+    assert "|tiny_next" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "no_such_task", "--include", str(TASKS)], "unknown task(s): no_such_task"),
     (["--tasks", "tiny_mc", "--include", str(TASKS), "--limit", "0"], "--limit must be > 0"),

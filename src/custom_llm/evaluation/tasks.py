@@ -27,6 +27,8 @@ def task_manager(tasks: Sequence[str], include: Sequence[str] = ()):
         if not path.exists():
             raise UserError(f"--include: {path} does not exist")
         folders.append(str(path if path.is_dir() else path.parent))
+    folders += [str(Path(t).parent) for t in tasks if _is_yaml(t)]  # a task named by its file: index its folder
+    folders = list(dict.fromkeys(folders))
     if folders:
         local = TaskManager(include_path=folders, include_defaults=False)
         if not _unknown(local, tasks):
@@ -41,7 +43,11 @@ def task_manager(tasks: Sequence[str], include: Sequence[str] = ()):
 
 def _unknown(manager, tasks: Sequence[str]) -> list[str]:
     """The requested names that are neither tasks/groups/tags of ``manager`` (globs allowed) nor YAML files."""
-    return [t for t in tasks if not manager.match_tasks([t]) and not (t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+    return [t for t in tasks if not manager.match_tasks([t]) and not _is_yaml(t)]
+
+
+def _is_yaml(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) and Path(name).is_file()
 
 
 def run_tasks(lm, tasks: Sequence[str], *, include: Sequence[str] = (), limit: Optional[float] = None,
