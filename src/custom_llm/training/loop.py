@@ -99,14 +99,14 @@ def _train_loop(parts: TrainingParts, run_dir: Path, dataset: Any, tokenizer: An
     peak, peak_note = peak_flops(rt)
     if rt.is_main:
         _log_start(parts, peak_note)
-    run_log = RunLog(run_dir, is_main=rt.is_main, start_step=state.step, start_tokens=state.tokens,
-                     max_steps=tc.max_steps, resumed=resumed_from is not None, progress=progress, peak=peak,
-                     world_size=rt.world_size, flops_per_token=parts.model.flops_per_token)
     if resumed_from is not None and state.step >= tc.max_steps:  # nothing to train, nothing to write
         log.info("%s is already at step %d, not before --train.max_steps %d: nothing to do (raise max_steps "
                  "to train on)", resumed_from, state.step, tc.max_steps)
         val = state.evals[-1]["val_loss"] if state.evals else None
         return TrainResult(run_dir, state.step, state.tokens, val, resumed_from, "done", state.bad_steps)
+    run_log = RunLog(run_dir, is_main=rt.is_main, start_step=state.step, start_tokens=state.tokens,
+                     max_steps=tc.max_steps, resumed=resumed_from is not None, progress=progress, peak=peak,
+                     world_size=rt.world_size, flops_per_token=parts.model.flops_per_token)
     stops = _StopRequests(tc.time_limit)
     stopped, last_eval, lr = "done", None, None
     try:
