@@ -8,9 +8,10 @@ gradients           fp32 (4 B): whole under DDP, 1/W under FSDP (reduce-scattere
 optimizer           fp32 states: AdamW 2 per parameter, Lion 1, Muon 1 (its AdamW groups 2)
 ddp buckets         DDP's flat all-reduce buffers: one more fp32 copy of the gradients
 gathered            FSDP: unsharded weights of the units in flight (bf16 under the GPU policy):
-                    ZeRO-3 two units (the current one and the prefetched next) plus one unit's
-                    unsharded fp32 gradients; ZeRO-2 (reshard_after_forward off) every unit's
-                    weights from the forward to the backward
+                    ZeRO-3 the root (embedding and head, used at both ends) and two blocks (the
+                    current one and the prefetched next), plus one unit's unsharded fp32
+                    gradients; ZeRO-2 (reshard_after_forward off) every unit's weights from the
+                    forward to the backward
 activations         what autograd keeps for the backward (below), for one micro-batch
 ==================  ==========================================================================
 
@@ -50,8 +51,10 @@ class ModelSizes:
 
     params: int
     """Every parameter once (tied weights once)."""
-    largest_unit: int
-    """Parameters of the largest FSDP unit: a block, or the root (embedding, final norm, untied head)."""
+    block: int
+    """Parameters of the largest block (one FSDP unit)."""
+    root: int
+    """Parameters of the root FSDP unit: embedding, final norm, untied LM head."""
     muon_matrices: int
     """Parameters Muon would train (the blocks' matrices except routers)."""
     flops_per_token: float
@@ -68,7 +71,7 @@ def model_sizes(mc: ModelConfig, seq_len: int) -> ModelSizes:
     params = model.num_params()["total"]
     blocks = max(sum(p.numel() for p in block.parameters()) for block in model.layers)
     root = params - sum(p.numel() for p in model.layers.parameters())
-    return ModelSizes(params, max(blocks, root), sum(p.numel() for p in muon_matrices(model)),
+    return ModelSizes(params, blocks, root, sum(p.numel() for p in muon_matrices(model)),
                       model.flops_per_token(seq_len))
 
 
@@ -157,11 +160,11 @@ def plan_memory(mc: ModelConfig, sizes: ModelSizes, strategy: str, gpus: int, mi
         params, grads, opt, buffers = 4 * P, 4 * P, optimizer_bytes(sizes, optimizer), 4 * P
     else:
         params, grads, opt = -(-4 * P // W), -(-4 * P // W), -(-optimizer_bytes(sizes, optimizer) // W)
-        unit = sizes.largest_unit
-        if strategy == "zero3":
-            buffers = 2 * unit * gathered_bytes + 4 * unit
+        unsharded_grads = 4 * max(sizes.block, sizes.root)  # one unit's fp32 gradients before reduce-scatter
+        if strategy == "zero3":  # the root stays gathered from the embedding to the head; a block and the next
+            buffers = (sizes.root + 2 * sizes.block) * gathered_bytes + unsharded_grads
         else:
-            buffers = P * gathered_bytes + 4 * unit
+            buffers = P * gathered_bytes + unsharded_grads
         if W == 1:
             buffers = 0
     acts = activation_bytes(mc, micro_batch, seq_len, precision, checkpointing)
