@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import ModelConfig
-from .dcp_io import DCP_DIR, consolidated_model_state, dcp_problem, is_sharded
+from .dcp_io import (DCP_DIR, INDEX_FILE, MODEL_PREFIX, OPTIM_PREFIX, consolidated_model_state,  # noqa: F401
+                     dcp_problem, is_sharded, read_index)  # the sharded-checkpoint names, re-exported to training
 from .errors import UserError
 from .fsutil import write_json
 

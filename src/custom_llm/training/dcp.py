@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from ..checkpoint_io import CONFIG_FILE, write_json
-from ..dcp_io import DCP_DIR, INDEX_FILE, MODEL_PREFIX, OPTIM_PREFIX, read_index
+from ..checkpoint_io import (CONFIG_FILE, DCP_DIR, INDEX_FILE, MODEL_PREFIX, OPTIM_PREFIX, read_index,
+                             write_json)
 from ..errors import UserError
 from .checkpoint import STATE_FILE, TMP_PREFIX, publish
 from .distributed import Runtime, all_reduce_sum, barrier

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ModelConfig
-from ..dcp_io import is_sharded
+from ..checkpoint_io import is_sharded
 from ..errors import UserError
 from ..fsutil import run_dir_lock
 from ..model.loss import perplexity
