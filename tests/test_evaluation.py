@@ -193,6 +193,19 @@ def test_registered_for_lm_eval_by_name(pair, local_tasks):
     assert [s["resps"][0][0] for s in samples] == [pytest.approx(d) for d in direct]
 
 
+@pytest.mark.slow  # lm-eval's CLI indexes its ~200 folders of built-in tasks first
+def test_lm_eval_command_line_with_our_model(pair, monkeypatch, capsys):
+    """``python -m custom_llm.evaluation``: lm-eval's own CLI, where ``--model custom-llm`` exists."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "custom-llm", "--model_args", f"ckpt={pair[4]}",
+                                      "--device", "cpu", "--tasks", "tiny_next", "--include_path", str(TASKS),
+                                      "--limit", "2"])
+    runpy.run_module("custom_llm.evaluation", run_name="__main__")
+    assert "|tiny_next" in capsys.readouterr().out
+
+
 def test_cli_runs_a_local_multiple_choice_task(pair, tmp_path, capsys):
     ours, _, _, _, ckpt = pair
     out = tmp_path / "results.json"
