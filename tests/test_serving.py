@@ -266,6 +266,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     long = httpx.post(server + "/v1/completions", json={"prompt": "fox " * 200}).json()["error"]
     assert long["code"] == "context_length_exceeded"
     assert httpx.post(server + "/v1/completions", json={"max_tokens": 3}).json()["error"]["param"] == "prompt"
+    too_many = httpx.post(server + "/v1/completions", json={"prompt": ["a"] * 10, "n": 8, "max_tokens": 2})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"  # 80 > 8 slots + 64 queued
     huge = httpx.post(server + "/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}')
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     missing = httpx.get(server + "/v1/nothing")

@@ -113,6 +113,10 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
 
     async def _generate(request: Request, prompts: list[list[int]], spec: GenerationSpec, chat: bool) -> Response:
         start = time.perf_counter()
+        capacity = engine.max_batch + engine.max_queue
+        if len(prompts) * spec.n > capacity:  # could never be admitted: not a 503 to retry, a 400
+            raise invalid(f"{len(prompts)} prompt(s) x n={spec.n} choices exceed what this server holds at once "
+                          f"({capacity}: --max-batch + --max-queue)", "n")
         max_tokens = _max_tokens(served, prompts, spec.max_tokens, "messages" if chat else "prompt",
                                  spec.default_max_tokens)
         loop = asyncio.get_running_loop()
