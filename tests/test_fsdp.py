@@ -33,6 +33,7 @@ from custom_llm.training.metrics import read_metrics
 JOB = '''
 import json, os, sys, types
 import numpy as np
+import torch
 from custom_llm.config import ModelConfig
 from custom_llm.training.config import TrainConfig
 from custom_llm.training.fsdp import local_numel
@@ -53,12 +54,23 @@ train = dict(max_steps=4, batch_size=8, grad_accum_steps=2, lr=3e-3, warmup_step
              eval_batch_size=4, log_every=1, save_every=2, keep_checkpoints=10, device="cpu", precision="fp32",
              sample_tokens=0, parallel="fsdp")
 parts = build_parts(model, TrainConfig(**{**train, **args.get("train", {})}), data.train)
+forwards, scatters = [0], []  # training forwards so far, and that count at each gradient reduce-scatter
+parts.net.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+reduce_scatter = torch.distributed.reduce_scatter_single  # what FSDP2 calls, looked up on the module each time
+
+
+def counting_reduce_scatter(*a, **k):
+    scatters.append(forwards[0])
+    return reduce_scatter(*a, **k)
+
+
+torch.distributed.reduce_scatter_single = counting_reduce_scatter
 train_loop(parts, run_dir, data, progress=False, resume=args.get("resume", False))
 state = parts.optimizer.state.values()
 sizes = {"params": sum(local_numel(p) * p.element_size() for p in parts.model.parameters()),
          "optimizer": sum(local_numel(t) * t.element_size() for s in state for t in s.values() if t.dim() > 0)}
 with open(f"{run_dir}-bytes{rank}.json", "w") as f:
-    json.dump(sizes, f)
+    json.dump({**sizes, "reduce_scatters": scatters}, f)
 '''
 
 
@@ -104,6 +116,14 @@ def test_fsdp_follows_one_process_and_consolidates(dense_runs):
     ours, reference = load_checkpoint_model(ckpt), load_checkpoint_model(tmp / "single" / "ckpt-4")
     for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradients_are_reduce_scattered_only_on_the_last_micro_step(dense_runs):
+    tmp, _, _ = dense_runs
+    for rank in (0, 1):
+        scatters = json.loads((tmp / f"fsdp2-bytes{rank}.json").read_text())["reduce_scatters"]
+        # 4 steps of 2 micro-steps: after forwards 2, 4, 6, 8, one reduce-scatter per FSDP unit (2 blocks + root)
+        assert scatters == [2] * 3 + [4] * 3 + [6] * 3 + [8] * 3, (rank, scatters)
 
 
 def test_fsdp_rank_holds_half_of_a_replica(dense_runs):
