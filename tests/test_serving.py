@@ -298,6 +298,15 @@ def test_disconnect_frees_the_slot(server, served, monkeypatch):
         time.sleep(0.01)
     assert served.engine.active_slots == 0
     assert metric(server, "custom_llm_generation_tokens_total") - before < 40  # cancelled, not run to the end
+    # The same for a non-streamed request whose client gives up waiting.
+    before = metric(server, "custom_llm_generation_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    deadline = time.time() + 5
+    while served.engine.active_slots and time.time() < deadline:
+        time.sleep(0.01)
+    assert served.engine.active_slots == 0
+    assert metric(server, "custom_llm_generation_tokens_total") - before < 70
 
 
 def test_queue_bound_gives_503_then_recovers(ckpt):

@@ -32,6 +32,7 @@ from .server import ServedModel
 from .streams import ChoiceStream, Event, chat_logprobs, completion_logprobs, poster
 
 MAX_BODY_BYTES = 4 << 20
+DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request looks for its client having gone
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 
 
@@ -61,15 +62,11 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
         error = APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001 - a bug: answer 500 in OpenAI's shape, keep serving
-            response = JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
-        path = request.url.path
-        metrics.requests.labels(path if path in ENDPOINTS else "other", str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug: OpenAI's shape, keep serving
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict:
@@ -172,12 +169,15 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
     async def _collect(reply: "_Reply", queue: asyncio.Queue, request: Request) -> dict:
         try:
             remaining = len(reply.requests)
+            checked = time.perf_counter()
             while remaining:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                if time.perf_counter() - checked > DISCONNECT_CHECK_S:  # a client that gave up frees its slots
+                    checked = time.perf_counter()
                     if await request.is_disconnected():
-                        raise APIError(499, "client closed the request") from None
+                        raise APIError(499, "client closed the request")
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
+                except asyncio.TimeoutError:
                     continue
                 reply.add(event)
                 remaining -= event.finish is not None
@@ -189,6 +189,30 @@ def create_app(served: ServedModel, *, max_body_bytes: int = MAX_BODY_BYTES, ret
                 engine.cancel(r)
 
     return app
+
+
+class _CountRequests:
+    """Counts responses by endpoint and status (plain ASGI: it leaves streaming and disconnects alone)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"]
+            self.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status[0])).inc()
 
 
 class _Reply:
