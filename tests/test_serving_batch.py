@@ -178,3 +178,19 @@ def test_compiled_batched_step_equals_reference_on_cpu():
     engine = BatchEngine(model, max_batch=4, compile=True)
     assert engine.generate_batch(PROMPTS, 20) == ref
     assert engine._step is not None  # compiled, not the eager fallback
+
+
+def test_worker_survives_a_failing_step():
+    """A bug inside a step fails the requests in the slots; the thread keeps serving the next ones."""
+    model = tiny_model()
+    engine = BatchEngine(model, max_batch=2)
+    real_emit = engine._emit
+    engine._emit = lambda b, logits: (_ for _ in ()).throw(RuntimeError("boom"))  # fails outside the guarded parts
+    engine.start()
+    try:
+        failed = engine.submit(GenerationRequest(PROMPTS[0], 5))
+        assert failed.done.wait(10) and failed.finish_reason == "error"
+        engine._emit = real_emit
+        assert engine.generate_batch([PROMPTS[1]], 5) == [generate_without_cache(model, PROMPTS[1], 5)]
+    finally:
+        engine.stop()

@@ -223,7 +223,13 @@ class BatchEngine:
                     self._cond.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a bug: fail what is in the slots, keep the thread alive
+                log.exception("batch engine step failed")
+                for b, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._free(b, "error", error)
 
     def step(self) -> bool:
         """Admit queued requests into free slots, then one decode step; False when there was nothing to do."""
