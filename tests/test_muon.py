@@ -140,7 +140,7 @@ def test_muon_param_groups_cover_every_parameter_once(fields):
 
 
 def test_muon_refuses_vectors_and_balances_owners():
-    with pytest.raises(ValueError, match="matrices only"):
+    with pytest.raises(ValueError, match="matrices or"):
         Muon([torch.nn.Parameter(torch.zeros(3))])
     params = [torch.zeros(64, 64), torch.zeros(64, 64), torch.zeros(4, 32, 64), torch.zeros(8, 8)]
     owners = assign_owners(params, 2)
@@ -228,7 +228,7 @@ def test_two_gloo_ranks_share_the_orthogonalisation_and_match_one_process(tmp_pa
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(tmp_path / "ddp")], check=True, timeout=180, env=env)
+                    str(script), str(tmp_path / "ddp")], check=True, timeout=400, env=env)
     namespace: dict = {}
     exec(compile(JOB, str(script), "exec"), namespace)  # the same job, in this one process
     single = namespace["three_steps"](MOE)

@@ -53,8 +53,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     """
     a, b, c = NS_COEFFICIENTS
     tall = G.shape[-2] > G.shape[-1]
-    X = (G.mT if tall else G).float()  # (..., R, C), R <= C
-    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)).to(dtype).reshape(-1, *X.shape[-2:])  # (N, R, C)
+    X = (G.mT if tall else G).to(dtype)  # (..., R, C), R <= C
+    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)).reshape(-1, *X.shape[-2:])  # (N, R, C)
     for _ in range(steps):
         A = torch.bmm(X, X.mT)  # (N, R, R)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
@@ -87,6 +87,41 @@ def assign_owners(params: list[torch.Tensor], world_size: int) -> list[int]:
     return owners
 
 
+class StackPlan:
+    """Where one rank's matrices sit in its Newton-Schulz stacks: one (N, R, C) stack per oriented shape.
+
+    Decided once, at construction: ``slots[i] = (stack, first, count, tall)`` for each matrix i the
+    rank owns (``count`` = E for an expert stack, 1 for a plain matrix; ``tall`` when R > C and the
+    matrix sits transposed); ``shapes`` the stacks' shapes; ``offsets`` each stack's start in the
+    rank's flat exchange buffer of ``numel`` elements.
+    """
+
+    def __init__(self, matrices: list[torch.Tensor], owned: list[int]):
+        keys: dict[tuple[int, int], int] = {}
+        counts: list[int] = []
+        self.slots: dict[int, tuple[int, int, int, bool]] = {}
+        for i in owned:
+            R, C = matrices[i].shape[-2:]
+            count = matrices[i].numel() // (R * C)
+            key = (min(R, C), max(R, C))
+            stack = keys.setdefault(key, len(keys))
+            counts.extend([0] * (len(keys) - len(counts)))
+            self.slots[i] = (stack, counts[stack], count, R > C)
+            counts[stack] += count
+        self.shapes = [(counts[stack], *key) for key, stack in keys.items()]
+        self.offsets, self.numel = [], 0
+        for n, r, c in self.shapes:
+            self.offsets.append(self.numel)
+            self.numel += n * r * c
+
+    def views(self, stacks: list[torch.Tensor], i: int, shape: torch.Size) -> torch.Tensor:
+        """Matrix i's entry of ``stacks`` as a view of its own ``shape`` (transposed back when tall)."""
+        stack, first, count, tall = self.slots[i]
+        view = stacks[stack][first:first + count]  # (E, r, c)
+        view = view.mT if tall else view  # (E, R, C)
+        return view if len(shape) == 3 else view[0]
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for the parameter groups marked ``muon=True`` (matrices or stacks of them), AdamW for the rest.
 
@@ -96,6 +131,10 @@ class Muon(torch.optim.Optimizer):
     ``adamw_fused`` runs AdamW groups through torch's fused kernel (where it exists), else foreach.
     Under torch.distributed (``process_group``, default: the world when initialised) the
     orthogonalisation is shared out between ranks (see the module docstring).
+
+    Per step the momentum updates are written straight into one ``ns_dtype`` stack per matrix shape
+    (:class:`StackPlan`), each stack takes one batched :func:`newton_schulz`, and the results are
+    applied as views of the stacks: about forty tensor operations for any number of matrices.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -111,23 +150,22 @@ class Muon(torch.optim.Optimizer):
             if not group["muon"]:
                 group["fused"] = adamw_fused  # also tells load_state_dict where AdamW's step counters live
         self.matrices = [p for g in self.param_groups if g["muon"] for p in g["params"]]
-        flat = [p for p in self.matrices if p.ndim < 2]
-        if flat:
-            raise ValueError(f"Muon: muon=True groups take matrices only (got a tensor of shape {tuple(flat[0].shape)})")
-        device = self.matrices[0].device if self.matrices else torch.device("cpu")
+        odd = [p for p in self.matrices if p.ndim not in (2, 3)]
+        if odd:
+            raise ValueError(f"Muon: muon=True groups take matrices or (E, R, C) stacks of them only "
+                             f"(got a tensor of shape {tuple(odd[0].shape)})")
+        self.index = {id(p): i for i, p in enumerate(self.matrices)}
+        self.device = self.matrices[0].device if self.matrices else torch.device("cpu")
         self.ns_steps = ns_steps
-        self.ns_dtype = ns_dtype or default_ns_dtype(device)
+        self.ns_dtype = ns_dtype or default_ns_dtype(self.device)
         distributed = dist.is_available() and dist.is_initialized()
         self.process_group = process_group if distributed else None
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.owners = assign_owners(self.matrices, self.world_size)
-        # Where each matrix's update sits in its owner's exchange buffer, and the largest buffer.
-        self.offsets, used = [], [0] * self.world_size
-        for p, owner in zip(self.matrices, self.owners):
-            self.offsets.append(used[owner])
-            used[owner] += p.numel()
-        self.share_numel = max(used)
+        self.plans = [StackPlan(self.matrices, [i for i, o in enumerate(self.owners) if o == r])
+                      for r in range(self.world_size)]
+        self._stacks: Optional[_Stacks] = None  # allocated at the first step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -137,26 +175,27 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates = self._orthogonalized_updates()
-        index = {id(p): i for i, p in enumerate(self.matrices)}
         for group in self.param_groups:
             if not group["muon"]:
                 self._adamw_step(group)
                 continue
             lr, wd = group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if index[id(p)] in updates]
+            params = [p for p in group["params"] if p.grad is not None]
             if params and wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             by_scale: dict[float, list] = defaultdict(list)  # one multi-tensor add per shape factor
             for p in params:
                 by_scale[shape_scale(p)].append(p)
             for scale, same in by_scale.items():
-                torch._foreach_add_(same, [updates[index[id(p)]] for p in same], alpha=-lr * scale)
+                torch._foreach_add_(same, [updates[id(p)] for p in same], alpha=-lr * scale)
         return loss
 
-    def _momentum_updates(self) -> dict[int, torch.Tensor]:
-        """Advance every momentum buffer; the (Nesterov) update of each matrix that has a gradient."""
-        index = {id(p): i for i, p in enumerate(self.matrices)}
-        out: dict[int, torch.Tensor] = {}
+    def _orthogonalized_updates(self) -> dict[int, torch.Tensor]:
+        """Advance every momentum buffer; newton_schulz of each matrix's (Nesterov) momentum update,
+        as a view (in the parameters' dtype) keyed by ``id(param)``."""
+        if self._stacks is None:
+            self._stacks = _Stacks(self.plans, self.rank, self.matrices)
+        stacks, plan = self._stacks, self.plans[self.rank]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None] if group["muon"] else []
             if not params:
@@ -164,28 +203,25 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            grads = [p.grad for p in params]
             buffers = [self.state[p]["momentum_buffer"] for p in params]
             mu = group["momentum"]
-            torch._foreach_lerp_(buffers, grads, 1 - mu)  # M <- mu*M + (1-mu)*G
-            updates = torch._foreach_lerp(grads, buffers, mu) if group["nesterov"] else buffers
-            out.update({index[id(p)]: u for p, u in zip(params, updates)})
-        return out
-
-    def _orthogonalized_updates(self) -> dict[int, torch.Tensor]:
-        """newton_schulz of every matrix's momentum update, keyed by its index in ``self.matrices``."""
-        pending = self._momentum_updates()
-        if self.world_size == 1:
-            return _orthogonalize_stacked(pending, self.ns_steps, self.ns_dtype)
-        mine = {i: u for i, u in pending.items() if self.owners[i] == self.rank}
-        done = _orthogonalize_stacked(mine, self.ns_steps, self.ns_dtype)
-        share = torch.zeros(self.share_numel, dtype=self.matrices[0].dtype, device=self.matrices[0].device)
-        for i, o in done.items():  # a matrix without a gradient leaves zeros (no rank applies it)
-            share[self.offsets[i]:self.offsets[i] + o.numel()] = o.flatten()
-        shares = [torch.empty_like(share) for _ in range(self.world_size)]
-        dist.all_gather(shares, share, group=self.process_group)
-        return {i: shares[self.owners[i]][self.offsets[i]:self.offsets[i] + u.numel()].view_as(u)
-                for i, u in pending.items()}
+            torch._foreach_lerp_(buffers, [p.grad for p in params], 1 - mu)  # M <- mu*M + (1-mu)*G
+            for p, buf in zip(params, buffers):  # this rank's matrices, written into their stacks
+                out = stacks.inputs_of.get(self.index[id(p)])
+                if out is None:
+                    continue
+                if group["nesterov"]:
+                    torch.lerp(p.grad, buf, mu, out=out)  # (1-mu)*G + mu*M
+                else:
+                    out.copy_(buf)
+        for i, out in stacks.inputs_of.items():  # a matrix without a gradient: zeros, never applied
+            if self.matrices[i].grad is None:
+                out.zero_()
+        for stack, result in zip(stacks.inputs, stacks.results):
+            result.copy_(newton_schulz(stack, self.ns_steps, self.ns_dtype))
+        if self.world_size > 1:  # one all_gather of every rank's flat results
+            dist.all_gather(stacks.shares, stacks.send, group=self.process_group)
+        return {id(p): stacks.updates_of[i] for i, p in enumerate(self.matrices) if p.grad is not None}
 
     def _adamw_step(self, group: dict) -> None:
         """AdamW (Loshchilov & Hutter 2019) on one group, through torch's functional kernel."""
@@ -209,19 +245,33 @@ class Muon(torch.optim.Optimizer):
               eps=group["eps"], maximize=False)
 
 
-def _orthogonalize_stacked(updates: dict[int, torch.Tensor], steps: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """newton_schulz of each update (in ``dtype``, returned in the update's), every matrix of one
-    (oriented) shape in one batched call."""
-    by_shape: dict[tuple, list] = defaultdict(list)
-    for i, u in updates.items():
-        m = u.reshape(-1, *u.shape[-2:])  # (E, R, C); E = 1 for a plain matrix
-        tall = m.shape[-2] > m.shape[-1]
-        m = m.mT if tall else m
-        by_shape[tuple(m.shape[-2:])].append((i, m, tall))
-    out = {}
-    for entries in by_shape.values():
-        stack = torch.cat([m for _, m, _ in entries])  # (N, R, C)
-        ortho = newton_schulz(stack, steps, dtype).to(stack.dtype).split([m.shape[0] for _, m, _ in entries])
-        for (i, _, tall), o in zip(entries, ortho):
-            out[i] = (o.mT if tall else o).reshape(updates[i].shape)
-    return out
+class _Stacks:
+    """The buffers of :meth:`Muon.step`, allocated once, with a view per matrix into them.
+
+    ``inputs`` (this rank's stacks of momentum updates, one per shape) and ``inputs_of[i]``;
+    ``results`` (their newton_schulz, in the parameters' dtype); ``updates_of[i]`` every matrix's
+    result. Under several ranks the results are views of the flat ``send`` buffer, which one
+    all_gather copies into ``shares[rank]`` on every rank, and ``updates_of`` points into ``shares``.
+    """
+
+    def __init__(self, plans: list[StackPlan], rank: int, matrices: list[torch.Tensor]):
+        like = matrices[0] if matrices else torch.zeros(())
+        plan = plans[rank]
+        self.inputs = [like.new_zeros(shape) for shape in plan.shapes]
+        self.inputs_of = {i: plan.views(self.inputs, i, matrices[i].shape) for i in plan.slots}
+        if len(plans) == 1:
+            self.results = [like.new_zeros(shape) for shape in plan.shapes]
+            self.updates_of = {i: plan.views(self.results, i, m.shape) for i, m in enumerate(matrices)}
+            return
+        size = max(p.numel for p in plans)  # every rank's flat buffer has the size of the largest share
+        self.send = like.new_zeros(size)
+        self.shares = [like.new_zeros(size) for _ in plans]
+        self.results = _stack_views(self.send, plan)
+        gathered = [_stack_views(share, p) for share, p in zip(self.shares, plans)]
+        owner = {i: r for r, p in enumerate(plans) for i in p.slots}
+        self.updates_of = {i: plans[owner[i]].views(gathered[owner[i]], i, m.shape) for i, m in enumerate(matrices)}
+
+
+def _stack_views(flat: torch.Tensor, plan: StackPlan) -> list[torch.Tensor]:
+    """A plan's stacks as (N, R, C) views of one flat buffer."""
+    return [flat[offset:offset + n * r * c].view(n, r, c) for offset, (n, r, c) in zip(plan.offsets, plan.shapes)]
