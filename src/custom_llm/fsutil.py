@@ -128,6 +128,7 @@ def run_dir_lock(directory: str | Path, what: str = "run") -> Iterator[Path]:
     import socket
 
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     if key in _HELD:
@@ -172,6 +173,8 @@ def run_dir_lock(directory: str | Path, what: str = "run") -> Iterator[Path]:
             del _HELD[key]
             try:
                 path.unlink()
+                if created:
+                    directory.rmdir()  # a run that wrote nothing leaves nothing (fails, harmlessly, if it did)
             except OSError:
                 pass
             handle.close()  # closing releases the flock
