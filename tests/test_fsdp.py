@@ -56,7 +56,9 @@ train = dict(max_steps=4, batch_size=8, grad_accum_steps=2, lr=3e-3, warmup_step
 parts = build_parts(model, TrainConfig(**{**train, **args.get("train", {})}), data.train)
 forwards, scatters = [0], []  # training forwards so far, and that count at each gradient reduce-scatter
 parts.net.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
-reduce_scatter = torch.distributed.reduce_scatter_single  # what FSDP2 calls, looked up on the module each time
+# what FSDP2 calls (reduce_scatter_tensor before torch 2.9), looked up on the module at each call
+name = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+reduce_scatter = getattr(torch.distributed, name)
 
 
 def counting_reduce_scatter(*a, **k):
@@ -64,7 +66,7 @@ def counting_reduce_scatter(*a, **k):
     return reduce_scatter(*a, **k)
 
 
-torch.distributed.reduce_scatter_single = counting_reduce_scatter
+setattr(torch.distributed, name, counting_reduce_scatter)
 train_loop(parts, run_dir, data, progress=False, resume=args.get("resume", False))
 state = parts.optimizer.state.values()
 sizes = {"params": sum(local_numel(p) * p.element_size() for p in parts.model.parameters()),

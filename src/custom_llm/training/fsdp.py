@@ -33,10 +33,23 @@ def fsdp_problems(parallel: str, optimizer: str, precision: str) -> list[str]:
     if optimizer == "muon":
         problems.append("train.parallel fsdp does not support train.optimizer muon (Newton-Schulz needs each "
                         "whole matrix, FSDP gives a rank a slice of rows); use adamw or lion, or train.parallel ddp")
+    if not _torch_has_fsdp2_and_safetensors_dcp():
+        problems.append(f"train.parallel fsdp needs torch.distributed.fsdp.fully_shard and DCP's safetensors storage "
+                        f"(torch.distributed.checkpoint.hf_storage), which torch {torch.__version__} lacks; upgrade "
+                        "torch or use train.parallel ddp")
     if precision == "fp16":
         problems.append("train.parallel fsdp does not support train.precision fp16 (its gradient scaler would "
                         "need sharded inf checks); use bf16 or fp32")
     return problems
+
+
+def _torch_has_fsdp2_and_safetensors_dcp() -> bool:
+    try:
+        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int, precision: str,
