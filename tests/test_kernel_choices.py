@@ -89,3 +89,24 @@ def test_grouped_mm_with_unaligned_widths_is_refused_up_front():
         ModelConfig(**{**SMALL, "d_model": 36, "n_heads": 6, "n_kv_heads": 2}, n_experts=4, moe_ffn_dim=30,
                     moe_dispatch="grouped_mm")
     ModelConfig(**SMALL, n_experts=4, moe_ffn_dim=30, moe_dispatch="auto")  # auto takes another path instead
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_packed_documents_score_as_if_alone(backend, window):
+    """Two documents packed in one row (document_ids) get the logits and loss each gets alone: attention
+    never crosses the boundary, for every kernel, with and without a sliding window."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL, sliding_window=window, attn_backend=backend)).eval()
+    a, b = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 9))
+    packed = torch.cat([a, b], dim=1)  # (1, 16)
+    docs = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        hidden = model._trunk(packed, document_ids=docs)[0]
+        alone = torch.cat([model.hidden_states(a), model.hidden_states(b)], dim=1)
+        torch.testing.assert_close(hidden, alone, atol=1e-5, rtol=0)
+        targets = torch.cat([a[:, 1:], torch.full((1, 1), -100), b[:, 1:], torch.full((1, 1), -100)], dim=1)
+        loss = model.compute_loss(packed, targets, document_ids=docs).lm_loss
+        per_doc = [model.compute_loss(x[:, :-1], x[:, 1:]).lm_loss for x in (a, b)]
+        torch.testing.assert_close(loss, (6 * per_doc[0] + 8 * per_doc[1]) / 14, atol=1e-5, rtol=0)
+        assert (model._trunk(packed)[0] - alone).abs().max() > 1e-3  # without the ids the second one sees the first

@@ -75,8 +75,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def build_block_mask(window: Optional[int], length: int, device: torch.device) -> Any:
-    """A flex-attention block mask for causal (or sliding-window) attention over ``length`` tokens.
+def build_block_mask(window: Optional[int], length: int, device: torch.device,
+                     document_ids: Optional[torch.Tensor] = None) -> Any:
+    """A flex-attention block mask for causal (or sliding-window) attention over ``length`` tokens,
+    kept inside each document when ``document_ids`` (B, T) is given (packed sequences).
 
     Built by the model once per forward, outside compiled code (as gpt-fast and torchtitan do), and
     passed to the layers: built inside a compiled block, it would be traced into every block's graph.
@@ -87,9 +89,19 @@ def build_block_mask(window: Optional[int], length: int, device: torch.device) -
         allowed = kv_idx <= q_idx
         if window is not None:
             allowed = allowed & (kv_idx > q_idx - window)
+        if document_ids is not None:
+            allowed = allowed & (document_ids[b, q_idx] == document_ids[b, kv_idx])
         return allowed
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    batch = None if document_ids is None else document_ids.shape[0]
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def document_mask(document_ids: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Boolean (B, 1, T, T): causal (windowed) attention that stays inside each document of a packed row."""
+    pos = torch.arange(document_ids.shape[1], device=document_ids.device)
+    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
+    return (causal_window_mask(pos, pos, window) & same).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -110,16 +122,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None,
-                block_mask: Any = None) -> torch.Tensor:
+                mask: Any = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
         ``kv_cache``, when given (generation), must offer ``update(layer_idx, k, v) -> (k_all, v_all,
         mask)``: it stores this step's keys/values and returns every key/value the queries may see with
         a boolean mask broadcastable to (B, H, T, S), or None when those are exactly this step's T keys
-        and plain causal attention applies. ``block_mask`` (from :func:`build_block_mask`, for this
-        layer's window) runs flex attention; the model passes one when ``attn_backend`` is ``flex``
-        and flex can run (not in CPU training, where torch has no flex backward: SDPA with the same
-        mask instead).
+        and plain causal attention applies. ``mask``, built by the model once per forward for this
+        layer's window: a flex block mask (:func:`build_block_mask`) runs flex attention, passed when
+        ``attn_backend`` is ``flex`` and flex can run (not in CPU training, where torch has no flex
+        backward: SDPA with the same mask instead); a boolean (B, 1, T, T) tensor
+        (:func:`document_mask`, packed documents) runs SDPA or the eager reference with it.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -128,16 +141,15 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
 
-        if block_mask is not None:
-            y = _flex_attention(q.device.type)(q, k, v, block_mask=block_mask, enable_gqa=True)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex block mask
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             if kv_cache is not None:
                 k, v, mask = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D), mask (B|1, 1, T, S) or None
-            elif self.window is not None:
+            elif mask is None and self.window is not None:
                 pos = torch.arange(T, device=x.device)
                 mask = causal_window_mask(pos, pos, self.window)  # (T, T)
-            else:
-                mask = None  # plain causal attention over these T keys
+            # mask None: plain causal attention over these T keys
             if self.eager:
                 if mask is None:
                     pos = torch.arange(T, device=x.device)

@@ -43,9 +43,11 @@ class Block(nn.Module):
             self.attn_scale = self.mlp_scale = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any = None,
-                block_mask: Any = None) -> tuple[torch.Tensor, Optional[RouterStats]]:
-        """(B, T, C) -> ((B, T, C), the MoE layer's router statistics, or None for a dense block)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, block_mask)
+                mask: Any = None) -> tuple[torch.Tensor, Optional[RouterStats]]:
+        """(B, T, C) -> ((B, T, C), the MoE layer's router statistics, or None for a dense block).
+
+        ``mask``: the attention mask the model built for this layer (see Attention.forward)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, mask)
         x = x + self._residual(h, self.attn_scale)
         out = self.mlp(self.post_attention_layernorm(x))
         h, stats = out if self.is_moe else (out, None)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import build_block_mask
+from .attention import build_block_mask, document_mask
 from .block import Block
 from .loss import fused_lm_loss, reference_lm_loss
 from .moe import RouterStats
@@ -119,21 +119,25 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> final-normed hidden states (B, T, C), the LM head's input."""
         return self._trunk(input_ids, positions, kv_cache)[0]
 
-    def _trunk(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-               kv_cache: Any = None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
-        """input_ids (B, T) -> (final-normed hidden states (B, T, C), router stats of each MoE layer that ran)."""
+    def _trunk(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None, kv_cache: Any = None,
+               document_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
+        """input_ids (B, T) -> (final-normed hidden states (B, T, C), router stats of each MoE layer that ran).
+
+        ``document_ids`` (B, T): packed sequences; a token attends only to earlier tokens of its own
+        document (same id). RoPE positions need no restart: attention scores see relative positions only.
+        """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(positions)  # (T, D) or (B, T, D), shared by every layer
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        block_masks = self._block_masks(T, input_ids.device, kv_cache)
+        masks = self._attention_masks(T, input_ids.device, kv_cache, document_ids)
         stats: dict[int, RouterStats] = {}
         drop = self._layerdrop_decisions()
         for i, block in enumerate(self.layers):
             if drop[i]:
                 continue
-            mask = block_masks.get(self.layer_windows[i]) if block_masks else None
+            mask = masks[self.layer_windows[i]] if masks else None
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, layer_stats = checkpoint(block, x, cos, sin, kv_cache, mask, use_reentrant=False)
             else:
@@ -142,15 +146,25 @@ class Transformer(nn.Module):
                 stats[i] = layer_stats
         return self.norm(x), stats
 
-    def _block_masks(self, length: int, device: torch.device, kv_cache: Any) -> Optional[dict]:
-        """Flex attention's block masks for this forward, one per distinct window, built here, outside
-        the (possibly compiled) blocks. None where flex does not run: other backends, generation with
-        a KV cache, and CPU training (torch has no flex backward on the CPU; SDPA takes the same mask)."""
-        if self.config.attn_backend != "flex" or kv_cache is not None:
+    def _attention_masks(self, length: int, device: torch.device, kv_cache: Any,
+                         document_ids: Optional[torch.Tensor]) -> Optional[dict]:
+        """The attention masks of this forward, one per distinct window, built here, outside the (possibly
+        compiled) blocks: flex block masks where flex runs, boolean (B, 1, T, T) masks for packed
+        documents otherwise, None where each layer's own causal/window masking suffices. Flex does not
+        run in generation with a KV cache, nor in CPU training (torch has no flex backward on the CPU;
+        SDPA takes the same mask)."""
+        if kv_cache is not None:
+            if document_ids is not None:
+                raise ValueError("document_ids (packed sequences) are for training and scoring, not with a KV cache")
             return None
-        if device.type == "cpu" and torch.is_grad_enabled() and self.training:
+        windows = set(self.layer_windows)
+        flex = self.config.attn_backend == "flex" and not (device.type == "cpu" and torch.is_grad_enabled()
+                                                            and self.training)
+        if flex:
+            return {window: build_block_mask(window, length, device, document_ids) for window in windows}
+        if document_ids is None:
             return None
-        return {window: build_block_mask(window, length, device) for window in set(self.layer_windows)}
+        return {window: document_mask(document_ids, window) for window in windows}
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile every block in place (identical blocks share one compiled graph).
@@ -174,13 +188,14 @@ class Transformer(nn.Module):
         return [ui < p for ui, p in zip(u, self.layerdrop_probs)]
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                     fused: bool = True) -> LossOutput:
+                     fused: bool = True, document_ids: Optional[torch.Tensor] = None) -> LossOutput:
         """Next-token cross-entropy of the model on input_ids (B, T) against targets (B, T), plus MoE losses.
 
         ``fused`` computes the LM head and cross-entropy chunk by chunk without materialising the
         logits (see loss.py); ``fused=False`` is the plain reference, with the same value and gradients.
+        ``document_ids`` (B, T): several documents packed in each row, attention kept inside each.
         """
-        hidden, stats = self._trunk(input_ids)
+        hidden, stats = self._trunk(input_ids, document_ids=document_ids)
         loss_fn = fused_lm_loss if fused else reference_lm_loss
         lm_loss = loss_fn(hidden.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), ignore_index=ignore_index)
         aux_loss = sum((s.aux_loss for s in stats.values()), lm_loss.new_zeros(()))
