@@ -50,7 +50,8 @@ from .distributed import all_reduce_sum
 log = logging.getLogger("custom_llm.training")
 
 # Fine-tuning defaults (a flag or config value wins); max_steps, warmup and eval cadence follow the data.
-SFT_TRAIN_DEFAULTS = {"batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": None, "eval_every": None,
+# lr: the presets here pre-train at 1e-3..2e-3; for a billion-parameter import pass --train.lr 1e-5..2e-5.
+SFT_TRAIN_DEFAULTS = {"batch_size": 8, "lr": 3e-4, "weight_decay": 0.0, "warmup_steps": None, "eval_every": None,
                       "log_every": 5, "min_lr_ratio": 0.1}
 LORA_LR = 1e-3
 
