@@ -21,11 +21,12 @@ keeps its input, normalised input and output (3 C, so 6 C per block), attention 
 output (2 H*D + 2 K*D), the SwiGLU MLP gate, silu(gate), up and their product (4 F); an MoE layer
 instead keeps per routed slot 4 F_e + 3 C (k slots per token) and 2 E router values. The model
 adds 3 C per token (the final norm, whose output is the loss's input) and the fused loss's fp32
-LM-head gradient (V x C), computed in the forward. Under bf16 autocast the matmul
-tensors are 2 B and the norms' (fp32 residual stream) 4 B; SDPA with a window mask also keeps
-its probabilities (H*T); fp32 is 4 B throughout. Gradient
-checkpointing keeps only each block's input (C) plus one block's activations during its recompute.
-These counts were checked against autograd's saved tensors on the CPU (tests/test_memory_plan.py).
+LM-head gradient (V x C), computed in the forward. SDPA given a window mask also keeps its
+probabilities (H*T per token; flex attention does not). Under bf16 autocast the matmul tensors are
+2 B and the norms' (on the fp32 residual stream) 4 B; fp32 is 4 B throughout. Gradient
+checkpointing keeps each block's input (C) plus, in the backward, one block's recomputed activations.
+These counts are held to autograd's saved tensors on the CPU in fp32 (tests/test_memory_plan.py); the
+bf16 sizes are reasoning until tests/gpu/test_cuda_fsdp.py runs on a GPU.
 
 FLOPs per step are ``Transformer.flops_per_token`` x tokens (the MFU convention of DESIGN.md), and
 the step time is FLOPs / (GPUs x peak x MFU).
@@ -34,7 +35,6 @@ the step time is FLOPs / (GPUs x peak x MFU).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
@@ -210,7 +210,3 @@ def describe(plan: MemoryPlan) -> str:
             f"{plan.optimizer / g:7.2f}  buffers {plan.buffers / g:7.2f}  activations {plan.activations / g:7.2f}  "
             f"total {plan.total / g:7.2f} GiB" + ("" if plan.fits else "  (does not fit)"))
 
-
-def fmt_optional(value: Optional[float]) -> str:
-    """A number or '-'."""
-    return "-" if value is None else f"{value:.3g}"
