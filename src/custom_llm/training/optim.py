@@ -154,11 +154,3 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer
-
-
-def optimizer_from_config(model: nn.Module, train_config: Any) -> torch.optim.Optimizer:
-    """:func:`build_optimizer` with a TrainConfig's fields."""
-    tc = train_config
-    return build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps,
-                           tc.decay_embeddings, muon_lr=tc.muon_lr, muon_momentum=tc.muon_momentum,
-                           muon_weight_decay=tc.muon_weight_decay)
