@@ -1,8 +1,9 @@
 """FSDP2 on CPU: two gloo processes under torchrun (a test needs more than one process, so this file,
 not test_combinations, holds them).
 
-The jobs train a tiny model on a periodic token stream with a global batch of 8 in 2 micro-steps
-and gradient checkpointing on. What is held, and to what tolerance:
+The jobs train a tiny model on a periodic token stream with a global batch of 8 in 2 micro-steps,
+gradient checkpointing on and clipping at 0.05, so every step is clipped (a norm over one rank's
+shards only fails the weight comparison; checked by mutation). What is held, and to what tolerance:
 - FSDP on 2 ranks follows one process with the same global batch: losses rel 1e-5 (fp32; only the
   order of the gradient sums differs), final weights 1e-4 (dense here, MoE under ``slow``).
 - Resharding: a sharded checkpoint saved by 2 ranks resumed by 1, and saved by 1 resumed by 2, gives
@@ -52,7 +53,7 @@ model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads
                     grad_checkpointing=True, **args.get("model", {}))
 train = dict(max_steps=4, batch_size=8, grad_accum_steps=2, lr=3e-3, warmup_steps=1, eval_every=0, eval_batches=2,
              eval_batch_size=4, log_every=1, save_every=2, keep_checkpoints=10, device="cpu", precision="fp32",
-             sample_tokens=0, parallel="fsdp")
+             sample_tokens=0, parallel="fsdp", grad_clip=0.05)
 parts = build_parts(model, TrainConfig(**{**train, **args.get("train", {})}), data.train)
 forwards, scatters = [0], []  # training forwards so far, and that count at each gradient reduce-scatter
 parts.net.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
