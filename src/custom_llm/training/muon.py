@@ -132,9 +132,11 @@ class Muon(torch.optim.Optimizer):
     Under torch.distributed (``process_group``, default: the world when initialised) the
     orthogonalisation is shared out between ranks (see the module docstring).
 
-    Per step the momentum updates are written straight into one ``ns_dtype`` stack per matrix shape
-    (:class:`StackPlan`), each stack takes one batched :func:`newton_schulz`, and the results are
-    applied as views of the stacks: about forty tensor operations for any number of matrices.
+    Per step the momentum updates are written straight into one stack per matrix shape
+    (:class:`StackPlan`, buffers allocated once), each stack takes one batched :func:`newton_schulz`
+    in ``ns_dtype``, and the results are applied as views of the stacks: about forty tensor
+    operations for any number of matrices. State (saved in optimizer.safetensors): ``momentum_buffer``
+    per matrix; ``step``, ``exp_avg``, ``exp_avg_sq`` per AdamW parameter.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
