@@ -57,6 +57,9 @@ train = dict(max_steps=4, batch_size=8, grad_accum_steps=2, lr=3e-3, warmup_step
 parts = build_parts(model, TrainConfig(**{**train, **args.get("train", {})}), data.train)
 forwards, scatters = [0], []  # training forwards so far, and that count at each gradient reduce-scatter
 parts.net.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+if rank == args.get("nan_rank") and "nan_forward" in args:  # poison one micro-step's loss on one rank
+    parts.net.register_forward_hook(lambda module, inputs, out: (out[0] * float("nan"),) + tuple(out[1:])
+                                    if forwards[0] == args["nan_forward"] else None)
 # what FSDP2 calls (reduce_scatter_tensor before torch 2.9), looked up on the module at each call
 name = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
 reduce_scatter = getattr(torch.distributed, name)
@@ -228,6 +231,17 @@ def test_fsdp_with_compiled_blocks_lion_and_uneven_eval_batches(tmp_path):
     val = [[r["val_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_loss" in r]
            for name in ("single", "fsdp2")]
     assert val[1] == pytest.approx(val[0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1's loss is NaN in the first micro-step of step 2: its gradient reaches every rank's shards through
+    the reduce-scatter, the global norm is NaN everywhere, so every rank skips the update and training goes on."""
+    losses = run_job(tmp_path, "run", 2, {"nan_rank": 1, "nan_forward": 3})
+    state = json.loads((tmp_path / "run" / "ckpt-4" / "trainer_state.json").read_text())
+    assert state["bad_steps"] == 1 and sorted(losses) == [1, 3, 4]  # step 2 logged without a loss
+    weights = load_checkpoint_model(tmp_path / "run" / "ckpt-4").state_dict()
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
 def _start(tmp, name, args):
