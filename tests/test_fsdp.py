@@ -340,3 +340,30 @@ def test_loader_resumes_the_global_batch_stream_on_another_world_size(saved_rank
         loader.load_state_dict(state)
     for step in range(3, 6):
         np.testing.assert_array_equal(global_batch(after), expected[step])
+
+
+def test_one_rank_fsdp_run_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
+    """In-process (one rank trains unsharded but saves the DCP folder): 2 + 2 steps equal 4 straight, bit for bit,
+    MoE and accumulation on."""
+    import types
+
+    import numpy as np
+
+    from custom_llm.config import ModelConfig
+    from custom_llm.training.config import TrainConfig
+    from custom_llm.training.loop import train
+
+    tokens = np.concatenate([np.roll(np.arange(31), i) for i in range(60)]).astype(np.uint16)
+    data = types.SimpleNamespace(train=tokens[:1700], val=tokens[1700:])
+    mc = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, n_experts=4,
+                     moe_top_k=2, moe_ffn_dim=32)
+    cfg = dict(max_steps=4, batch_size=4, grad_accum_steps=2, lr=3e-3, warmup_steps=1, eval_every=0, eval_batches=1,
+               eval_batch_size=2, log_every=1, device="cpu", precision="fp32", sample_tokens=0, parallel="fsdp")
+    train(mc, TrainConfig(**cfg), tmp_path / "straight", data, progress=False)
+    train(mc, TrainConfig(**{**cfg, "max_steps": 2}), tmp_path / "resumed", data, progress=False)
+    assert (tmp_path / "resumed" / "ckpt-2" / "dcp" / "index.json").is_file()
+    train(mc, TrainConfig(**cfg), tmp_path / "resumed", data, resume=True, progress=False)
+    a = load_checkpoint_model(tmp_path / "straight" / "ckpt-4").state_dict()
+    b = load_checkpoint_model(tmp_path / "resumed" / "ckpt-4").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
