@@ -253,8 +253,14 @@ class ChatBatches:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
-    def next_batch(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The next (x, y, document ids); rank r takes its slice of the global ``world_size * B`` rows."""
+    def next_batch(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The next (x, y, document ids, token weight); rank r takes its slice of the global ``world_size * B`` rows.
+
+        Rows hold different numbers of learned tokens, so a mean per micro-batch (or per rank) would
+        weigh tokens unequally. ``token weight`` (B, 1), the same in every row, is the global rows
+        over the global learned tokens of this step: the loss module turns its micro-batch mean into
+        this step's share of one mean over all learned tokens (see ``training/sft.py``).
+        """
         need = self.batch_size * self.world_size
         picked = []
         while len(picked) < need:
@@ -264,8 +270,10 @@ class ChatBatches:
             take = min(need - len(picked), len(self._order) - self.position)
             picked.extend(self._order[self.position:self.position + take])
             self.position += take
+        learned = int((self.rows.batch(np.asarray(picked))[1] != IGNORE_INDEX).sum())
         mine = np.asarray(picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
-        return self.rows.batch(mine)
+        weight = np.full((len(mine), 1), need / max(learned, 1), np.float32)
+        return (*self.rows.batch(mine), weight)
 
     def state_dict(self) -> dict:
         """JSON-serializable position: epoch and offset in its permutation."""

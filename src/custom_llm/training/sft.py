@@ -121,9 +121,22 @@ class SFTLoss(nn.Module):
         super().__init__()
         self.model, self.packing = model, packing
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, documents: Optional[torch.Tensor] = None):
-        """x, y, documents (M, T) -> (loss to backpropagate, LM loss, MoE expert load per layer)."""
-        return _loss(self.model, x, y, documents if self.packing else None)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, documents: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None):
+        """x, y, documents (M, T), weight (M, 1) -> (loss to backpropagate, LM loss, MoE expert load per layer).
+
+        With ``weight`` (global rows / global learned tokens of the step, from the loader) the micro-batch
+        mean becomes ``sum * (global rows / M) / global tokens``: the training step divides it by its k
+        micro-steps and DDP averages over W ranks (k * W * M = global rows), so the gradient and the
+        reported loss are those of one mean over every learned token of the step, however the rows
+        split over micro-batches and ranks (conversations differ in length; a plain mean per
+        micro-batch would weigh their tokens unequally).
+        """
+        loss, lm_loss, load = _loss(self.model, x, y, documents if self.packing else None)
+        if weight is None:
+            return loss, lm_loss, load
+        scale = (y != IGNORE_INDEX).sum() * weight[0, 0] / x.shape[0]
+        return loss - lm_loss + lm_loss * scale, lm_loss * scale, load
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, documents: Optional[torch.Tensor]):
