@@ -180,8 +180,9 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Union[str, Path], quant:
         writer.add_tokenizer_pre(PRE_TOKENIZER)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        if merges:
-            writer.add_token_merges(merges)
+        # llama.cpp refuses a gpt2 vocabulary without merges; a character vocabulary gets one that can never
+        # apply ("\u0100\u0100" is no initial symbol and no merge creates it), so no two characters merge.
+        writer.add_token_merges(merges or ["\u0100\u0100 \u0100\u0100"])
         _write_special_tokens(writer, tokenizer)
         for tensor_name, t in gguf_tensors(model).items():
             _add_tensor(writer, tensor_name, t, quant)
