@@ -38,6 +38,7 @@ def test_grow_vocab_appends_mean_rows_and_keeps_old_logits(tied):
 # Fine-tuning runs on tiny models (CPU, fp32).
 
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -178,3 +179,47 @@ def test_accumulation_weighs_every_learned_token_equally(tmp_path):
     # fp32 round-off, magnified by Adam's first steps, stays near 1e-5; a mean per micro-batch is off by ~1e-2
     for (name, a), (_, b) in zip(results[0].state_dict().items(), results[1].state_dict().items()):
         assert float((a - b).abs().max()) < 1e-4, name
+
+
+SFT_JOB = '''
+import sys
+sys.path.insert(0, sys.argv[3])
+import test_sft as t
+from custom_llm.model.lora import LoRAConfig
+from custom_llm.training.sft import SFTConfig, run_sft
+
+model, tokenizer = t._char_model()
+train = dict(t.RUN, max_steps=3, eval_every=3, lr=3e-3, sample_tokens=0)
+run_sft(model, tokenizer, SFTConfig(data=sys.argv[2]), train, sys.argv[1], lora=LoRAConfig(r=4), progress=False)
+'''
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_fine_tune_like_one_process(tmp_path):
+    """DDP under torchrun (LoRA, packed rows) gives the losses and weights of one process with the same batch."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "job.py"
+    script.write_text(SFT_JOB)
+    data = _conversations(tmp_path / "c.jsonl", n=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    here = str(Path(__file__).parent)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), data, here], check=True, timeout=300,
+                   env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), str(tmp_path / "ddp"), data, here], check=True, timeout=300, env=env)
+    rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("single", "ddp")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for a, b in zip(*rows):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    single, ddp = (load_file(str(tmp_path / d / "ckpt-3" / "model.safetensors")) for d in ("single", "ddp"))
+    for name in single:
+        assert float((single[name] - ddp[name]).abs().max()) < 1e-4, name
