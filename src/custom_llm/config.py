@@ -235,6 +235,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's "I only have a macbook" variant of it: 4 layers, 4 heads, d128, context 64, no dropout.
     "shakespeare-char-cpu": dict(vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=64),
 }
+MODEL_PRESETS["shakespeare-char-cpu-muon"] = MODEL_PRESETS["shakespeare-char-cpu"]  # trained with Muon
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -247,6 +247,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                  decay_embeddings=True, grad_clip=1.0, eval_every=250, eval_batches=20,
                                  eval_batch_size=12, log_every=50, save_every=1000),
 }
+# The same recipe with Muon for the blocks' matrices, AdamW at the recipe's settings for the rest.
+# muon_lr 0.015: validation 1.587 against 1.606 at Muon's default 0.02 and AdamW's 1.674, same 2000 steps.
+TRAIN_PRESETS["shakespeare-char-cpu-muon"] = dict(TRAIN_PRESETS["shakespeare-char-cpu"], optimizer="muon",
+                                                  muon_lr=0.015)
 
 RUN_PRESETS = tuple(MODEL_PRESETS)
 
