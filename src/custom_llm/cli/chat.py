@@ -181,7 +181,7 @@ def run_chat(args) -> int:
         if reply is not None:
             sys.stderr.write(reply + "\n")
             continue
-        _stream_answer(session, line.rstrip("\n"))
+        _stream_answer(session, line.rstrip("\r\n"))
 
 
 def _read_line(interactive: bool) -> Optional[str]:
