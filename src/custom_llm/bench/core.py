@@ -8,6 +8,9 @@ and reports medians. ``ratio`` is always ``ours / ref``; whether higher is bette
 
 from __future__ import annotations
 
+import sys
+import os
+import contextlib
 import json
 import statistics
 import tempfile
@@ -83,6 +86,21 @@ def paired_ratio(times: dict[str, list[float]]) -> Optional[float]:
     return median([r / o for o, r in zip(times["ours"], times["ref"])])
 
 
+@contextlib.contextmanager
+def _c_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block (what C++ code prints there is dropped)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated by torch during ``fn()`` above what was allocated before it.
 
@@ -100,8 +118,14 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _c_stderr_silenced():  # the profiler's C++ side prints "USDT ... profiler_start/stop" lines
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _c_stderr_silenced():
+            prof.__exit__(None, None, None)
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         prof.export_chrome_trace(handle.name)
         with open(handle.name, encoding="utf-8") as trace_file:
