@@ -8,10 +8,10 @@ and reports medians. ``ratio`` is always ``ours / ref``; whether higher is bette
 
 from __future__ import annotations
 
-import sys
-import os
 import contextlib
 import json
+import os
+import sys
 import statistics
 import tempfile
 import time
