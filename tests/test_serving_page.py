@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ def test_page_streams_an_answer_and_keeps_the_conversation(tmp_path):
     save_model(model, tmp_path / "page-model")
     tokenizer.save(tmp_path / "page-model")
     served = load_served_model(str(tmp_path / "page-model"), max_batch=2)
+    decode = served.engine._decode  # each step made to take >= 30 ms, so the page is seen mid-answer
+    served.engine._decode = lambda active: time.sleep(0.03) or decode(active)
     with ServerThread(served) as url, sync_api.sync_playwright() as pw:
         try:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
