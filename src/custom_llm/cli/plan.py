@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import ModelConfig, field_docs
-from ..training.config import RUN_PRESETS, TrainConfig, dataclass_fields
+from ..training.config import RUN_PRESETS
+from .train import add_config_flags
 
 H100_BF16_TFLOPS = 989.0
 
@@ -32,12 +32,7 @@ def register(sub) -> None:
                         help="dense bf16 peak of one GPU in TFLOP/s (default: 989, H100 SXM)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training precision (default: bf16)")
     parser.add_argument("--json", action="store_true", help="one JSON object per strategy")
-    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
-        group = parser.add_argument_group(f"{section} config fields")
-        docs = field_docs(cls)
-        for name in dataclass_fields(cls):
-            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="VALUE",
-                               default=argparse.SUPPRESS, help=docs.get(name, "").replace("%", "%%"))
+    add_config_flags(parser)
     parser.set_defaults(func=run_plan)
 
 

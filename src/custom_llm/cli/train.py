@@ -38,13 +38,18 @@ def register(sub) -> None:
     parser.add_argument("--device", choices=DEVICES)
     parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, help="tokenizer kind to train on the data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A ``--model.FIELD`` / ``--train.FIELD`` flag for every config field, its declared doc as help."""
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         group = parser.add_argument_group(f"{section} config fields")
         docs = field_docs(cls)
         for name in dataclass_fields(cls):
             group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar="VALUE",
                                default=argparse.SUPPRESS, help=docs.get(name, "").replace("%", "%%"))
-    parser.set_defaults(func=run)
 
 
 def collect_overrides(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:

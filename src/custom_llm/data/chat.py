@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import UserError
 from .chat_stdlib import default_conversations
+from .sources import hf_train_split
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +112,7 @@ def _messages_of(line: str) -> Any:
 
 def _hf_messages(spec: str) -> List[Any]:
     """The ``messages`` column of a Hugging Face dataset's train split (a saved local folder works offline)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"hf:{spec} needs the 'datasets' package (pip install datasets)") from None
-    name, _, config = spec.partition(":")
-    if not name:
-        raise UserError("hf: needs a dataset name, as in hf:NAME or hf:NAME:CONFIG")
-    try:
-        if Path(name).is_dir() and (Path(name) / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(name)
-            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(name, config or None, split="train")
-    except Exception as exc:  # datasets raises many unrelated types for a bad name or config
-        raise UserError(f"hf:{spec}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
-    if "messages" not in ds.column_names:
-        raise UserError(f"hf:{spec}: no 'messages' column (columns: {', '.join(ds.column_names)})")
-    return list(ds["messages"])
+    return list(hf_train_split(spec, "messages")["messages"])
 
 
 @dataclass

@@ -24,7 +24,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 from ..errors import UserError
 
@@ -195,6 +195,13 @@ def parse_jsonl(text: str, path: Path, text_field: str, name: Optional[str] = No
 
 def load_hf_dataset(spec: str, text_field: str) -> List[Document]:
     """``NAME[:CONFIG]`` -> the rows of its train split (through the optional ``datasets`` package)."""
+    ds = hf_train_split(spec, text_field)
+    return [Document(f"hf:{spec}:{i}", text) for i, text in enumerate(ds[text_field]) if isinstance(text, str)]
+
+
+def hf_train_split(spec: str, column: str) -> Any:
+    """The train split of Hugging Face dataset ``NAME[:CONFIG]`` (a local ``save_to_disk`` folder works
+    offline), checked to have ``column``; every failure is one UserError naming the dataset."""
     try:
         import datasets
     except ImportError:
@@ -210,9 +217,9 @@ def load_hf_dataset(spec: str, text_field: str) -> List[Document]:
             ds = datasets.load_dataset(name, config or None, split="train")
     except Exception as exc:  # datasets raises many unrelated types for a bad name or config
         raise UserError(f"hf:{spec}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
-    if text_field not in ds.column_names:
-        raise UserError(f"hf:{spec}: no {text_field!r} column (columns: {', '.join(ds.column_names)})")
-    return [Document(f"hf:{spec}:{i}", text) for i, text in enumerate(ds[text_field]) if isinstance(text, str)]
+    if column not in ds.column_names:
+        raise UserError(f"hf:{spec}: no {column!r} column (columns: {', '.join(ds.column_names)})")
+    return ds
 
 
 def default_corpus_root() -> Path:
