@@ -22,6 +22,7 @@ ALLOWED = {  # layer -> the custom_llm modules/packages it may import (besides i
     "interop": LEAVES | {"model", "tokenizers", "checkpoint_io"},
     "training": LEAVES | {"model", "data", "tokenizers", "checkpoint_io"},
     "evaluation": LEAVES | {"generation", "tokenizers", "api"},  # api: load a checkpoint or HF folder by path
+    "serving": LEAVES | {"generation", "tokenizers", "api"},  # HTTP only; api loads the served checkpoint
 }
 NO_TORCH = {"tokenizers", "data"}
 
