@@ -27,11 +27,8 @@ SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max
 
 def register(sub) -> None:
     """Add the ``chat`` sub-command."""
-    from ..config import field_docs
-    from ..generation.sampling import SamplingParams
-    from .generate import _add_model_args
+    from .generate import _add_model_args, add_sampling_args
 
-    docs = field_docs(SamplingParams)
     chat = sub.add_parser("chat", help="chat with a model in the terminal",
                           description="An interactive conversation with streamed answers (commands: /reset, "
                                       "/system TEXT, /settings, /help, /quit; Ctrl-C stops an answer). Standard "
@@ -39,11 +36,7 @@ def register(sub) -> None:
     _add_model_args(chat)
     chat.add_argument("--system", default=None, help="system message to start with")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per answer at most (default 512)")
-    chat.add_argument("--temperature", type=float, default=0.7, help=docs["temperature"] + " (default 0.7)")
-    chat.add_argument("--top-k", type=int, default=0, help=docs["top_k"])
-    chat.add_argument("--top-p", type=float, default=1.0, help=docs["top_p"])
-    chat.add_argument("--min-p", type=float, default=0.0, help=docs["min_p"])
-    chat.add_argument("--repetition-penalty", type=float, default=1.0, help=docs["repetition_penalty"])
+    add_sampling_args(chat, temperature=0.7)
     chat.add_argument("--seed", type=int, default=0, help="random seed (a scripted session is reproducible)")
     chat.set_defaults(func=run_chat)
 

@@ -20,9 +20,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def register(sub) -> None:
-    from ..generation.sampling import SamplingParams
-
-    docs = field_docs(SamplingParams)
     gen = sub.add_parser("generate", help="generate text from a checkpoint",
                          description="Stream text generated from a prompt (--prompt, --prompt-file, or one prompt "
                                      "per line on standard input). Prompts longer than the model's context are "
@@ -33,11 +30,7 @@ def register(sub) -> None:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    gen.add_argument("--temperature", type=float, default=0.8, help=docs["temperature"] + " (default 0.8)")
-    gen.add_argument("--top-k", type=int, default=0, help=docs["top_k"])
-    gen.add_argument("--top-p", type=float, default=1.0, help=docs["top_p"])
-    gen.add_argument("--min-p", type=float, default=0.0, help=docs["min_p"])
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help=docs["repetition_penalty"])
+    add_sampling_args(gen, temperature=0.8)
     gen.add_argument("--seed", type=int, default=0, help="random seed: the same seed and flags give the same text")
     gen.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
                      help="stop when the text contains one of these strings (not printed)")
@@ -55,6 +48,19 @@ def register(sub) -> None:
     gen.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                      help="tokens the draft proposes per target forward (default 4)")
     gen.set_defaults(func=run_generate)
+
+
+def add_sampling_args(parser, temperature: float) -> None:
+    """The sampling flags of ``generate`` and ``chat``, their help from SamplingParams' field docs."""
+    from ..generation.sampling import SamplingParams
+
+    docs = field_docs(SamplingParams)
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=docs["temperature"] + f" (default {temperature})")
+    parser.add_argument("--top-k", type=int, default=0, help=docs["top_k"])
+    parser.add_argument("--top-p", type=float, default=1.0, help=docs["top_p"])
+    parser.add_argument("--min-p", type=float, default=0.0, help=docs["min_p"])
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help=docs["repetition_penalty"])
 
 
 def _add_model_args(parser) -> None:
