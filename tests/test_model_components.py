@@ -7,6 +7,7 @@ import torch
 
 from custom_llm import ModelConfig, Transformer
 from custom_llm.model import RMSNorm, RotaryEmbedding, apply_rotary, causal_window_mask, eager_attention
+from custom_llm.model.attention import FOLD_MAX_QUERIES, sdpa_attention
 
 
 def tiny(**kw):
@@ -91,6 +92,22 @@ def test_eager_attention_against_naive_loop():
                 weights = torch.softmax(scores, 0)
                 expected[b, h, i] = sum(w * v[b, kv, j] for w, j in zip(weights, js))
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("T", [1, 3, FOLD_MAX_QUERIES, FOLD_MAX_QUERIES + 1])
+@pytest.mark.parametrize("per_row_mask", [False, True])
+def test_sdpa_masked_gqa_few_queries_matches_eager(T, per_row_mask):
+    """Decode-shaped masked calls (GQA groups folded into query time up to FOLD_MAX_QUERIES, K/V expanded
+    beyond) give eager attention's output, with a (T, S) mask and with a per-row (B, 1, T, S) one."""
+    torch.manual_seed(0)
+    B, H, K, S, D = 2, 6, 2, 40, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    mask = causal_window_mask(torch.arange(S - T, S), torch.arange(S), 7)  # (T, S)
+    if per_row_mask:
+        mask = mask.expand(B, 1, T, S).clone()
+        mask[1, :, :, -3:] = False  # row 1 may not see the last keys, row 0 may
+        mask[1, :, :, 0] = True
+    torch.testing.assert_close(sdpa_attention(q, k, v, mask), eager_attention(q, k, v, mask), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("window,pattern", [(None, None), (5, None), (5, "SL")])

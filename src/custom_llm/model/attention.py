@@ -65,14 +65,45 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     quadratic in T) on the torch versions users have, so K/V are expanded to the query heads instead
     and a fused kernel (memory-efficient on CUDA, flash on the CPU) takes the masked call. Without a
     mask, ``is_causal`` + ``enable_gqa`` reads the K/V heads in place.
+
+    With a mask and few queries (decoding, speculative verification: T <= ``FOLD_MAX_QUERIES``) the
+    query heads that share a kv head are folded into the query time instead (:func:`_fold_query_groups`):
+    the same numbers without copying the cache's K/V n_rep times every step.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
     n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and q.shape[2] <= FOLD_MAX_QUERIES and (mask.dim() < 4 or mask.shape[1] == 1):
+        return _fold_query_groups(q, k, v, mask, dropout_p)
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D): query head h reads kv head h // n_rep
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# Masked attention with at most this many queries folds GQA groups into time (decode, speculative
+# verification); longer inputs expand K/V instead, as the folded mask grows with n_rep * T * S.
+FOLD_MAX_QUERIES = 16
+
+
+def _fold_query_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       dropout_p: float) -> torch.Tensor:
+    """Masked GQA attention as K heads of n_rep * T queries each; (B, H, T, D) out, as SDPA's.
+
+    Query head h = kv * n_rep + r reads kv head ``kv``, so viewing q as (B, K, n_rep * T, D) puts every
+    query of a kv head's group in that head's rows, and SDPA reads each K/V head once, in place. The
+    mask (B|1, 1, T, S), shared by all heads, is repeated for the n_rep query rows of each group.
+    Measured in the compiled CPU decode step (bench model: H=6, K=2, 256 cache slots, one thread):
+    0.17 ms a layer for the expand-and-copy plus the 6-head kernel, 0.05 ms folded.
+    """
+    B, H, T, D = q.shape
+    K, n_rep = k.shape[1], H // k.shape[1]
+    folded = q.reshape(B, K, n_rep * T, D)  # rows: (r, t) for each kv head
+    if mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (1, 1, T, S)
+    mask = mask.repeat(1, 1, n_rep, 1)  # (B|1, 1, n_rep * T, S): row (r, t) is query t's row
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return y.view(B, H, T, D)
 
 
 def build_block_mask(window: Optional[int], length: int, device: torch.device,
