@@ -99,3 +99,18 @@ def test_shakespeare_case_quick_and_missing_text(shakespeare_path, tmp_path, cap
     assert 1.0 < d["ours"] < 4.3  # a char-level loss, below ln(69) for an untrained model's uniform guess
     assert main(["bench", "--cases", "shakespeare_char", "--data", str(tmp_path / "absent.txt")]) == 2
     assert "absent.txt: no such file" in capsys.readouterr().err
+
+
+def test_small_steps_case_quick(shakespeare_path, capsys):
+    """The step-time case runs the trainer's own steps for both paths on the same batches: fp32 eager (before)
+    against precision auto; with the same data and seed their losses agree closely (bf16 tracks fp32)."""
+    assert main(["bench", "--quick", "--json", "--cases", "small_steps", "--data", str(shakespeare_path)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert list(d) == KEYS and d["case"] == "small_steps" and d["unit"] == "tokens/s"
+    c = d["config"]
+    assert c["preset"] == "shakespeare-char-cpu" and c["measured_steps_per_side"] == 4
+    assert set(c["precision"]) == {"ref", "ours"} and c["precision"]["ref"] == "fp32"  # --quick: no compiled side
+    assert c["compiled"] == {"ref": False, "ours": False}
+    assert d["ours"] > 0 and d["ref"] > 0 and abs(d["ratio"] - d["ours"] / d["ref"]) < 1e-9
+    losses = c["last_chunk_mean_loss"]
+    assert abs(losses["ours"] - losses["ref"]) < 0.05 and 1.0 < losses["ref"] < 4.5

@@ -110,3 +110,44 @@ def test_packed_documents_score_as_if_alone(backend, window):
         per_doc = [model.compute_loss(x[:, :-1], x[:, 1:]).lm_loss for x in (a, b)]
         torch.testing.assert_close(loss, (6 * per_doc[0] + 8 * per_doc[1]) / 14, atol=1e-5, rtol=0)
         assert (model._trunk(packed)[0] - alone).abs().max() > 1e-3  # without the ids the second one sees the first
+
+
+def test_cpu_autocast_runs_attention_in_fp32(monkeypatch):
+    """Under CPU bf16 autocast the projections run in bf16 but SDPA gets fp32 q/k/v (its bf16 CPU backward
+    is the slow one), and the loss and gradients stay close to fp32 training's."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *args, **kw)
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL))
+    ids = torch.randint(0, 64, (2, 17))
+    ref = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+        assert model.layers[0].self_attn.q_proj(torch.randn(1, 32)).dtype == torch.bfloat16  # the matmuls: bf16
+    loss.backward()
+    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)
+    torch.testing.assert_close(loss.float(), ref, atol=0.02, rtol=0)
+    for g, g_ref in zip((p.grad for p in model.parameters()), ref_grads):
+        assert (g - g_ref).norm() <= 0.05 * g_ref.norm() + 1e-6
+
+
+def test_auto_precision_on_the_cpu_follows_amx(monkeypatch):
+    """precision auto: bf16 on a CPU with AMX, fp32 on one without; an explicit choice is kept."""
+    from custom_llm.training import distributed
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: True)
+    assert distributed.resolve_precision("auto", cpu) == "bf16"
+    assert distributed.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: False)
+    assert distributed.resolve_precision("auto", cpu) == "fp32"
+    assert distributed.resolve_precision("bf16", cpu) == "bf16"

@@ -39,3 +39,18 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0, flag: str 
                             f"{', '.join(available_devices())}")
         return torch.device("cuda", index)
     return device
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile units (Intel Xeon from Sapphire Rapids on), which multiply bf16 matrices
+    about 10x faster than fp32 (2 cores, a 2048x192 by 192x4096 product: 1,181 against 95-128 GFLOP/s)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def bf16_matmul_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16; CPUs with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_has_amx() or bool(probe is not None and probe())

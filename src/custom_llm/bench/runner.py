@@ -43,11 +43,14 @@ CASES: dict[str, Callable[[Context], Result]] = {
     "optimizers_tiny": _case("optimizer_case", "optimizers_tiny"),
     "eval_loglikelihood": _case("eval_case", "eval_loglikelihood"),
     "lora_memory": _case("lora_case", "lora_memory"),
+    "small_steps": _case("small_steps_case", "small_steps"),
+    "small_steps_tiny": _case("small_steps_case", "small_steps_tiny"),
 }
 """Every case, in the order they run."""
 
 DEFAULT_CASES = tuple(name for name in CASES if name not in ("curriculum", "shakespeare_char", "eval_loglikelihood",
-                                                             "optimizers", "optimizers_tiny", "serve", "quant_quality"))
+                                                             "optimizers", "optimizers_tiny", "serve", "quant_quality",
+                                                             "small_steps", "small_steps_tiny"))
 """Cases run without ``--cases``; the two that train models to a loss, and the lm-eval one (it needs the
 lm-eval package), run only when named."""
 

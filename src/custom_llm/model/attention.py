@@ -2,7 +2,8 @@
 
 * ``eager``: the plain math below, the readable reference every fast path is tested against.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention / memory-efficient
-  kernels where the device has them), ``is_causal`` for full attention, a boolean mask for windows.
+  kernels where the device has them), ``is_causal`` for full attention, a boolean mask for windows;
+  in fp32 under CPU autocast (see ``Attention.forward``).
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask, which skips whole blocks outside
   a sliding window; the fast path for windows on CUDA (compiled there). PyTorch has no flex backward
   on the CPU, so CPU training with ``flex`` runs the ``sdpa`` path (same mask, same numbers).
@@ -186,6 +187,12 @@ class Attention(nn.Module):
                     pos = torch.arange(T, device=x.device)
                     mask = causal_window_mask(pos, pos, None)
                 y = eager_attention(q, k, v, mask, dropout_p)
+            elif q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # CPU bf16 training: attention in fp32, the projections around it in bf16. torch's CPU
+                # flash kernel runs its bf16 backward ~8x slower than its fp32 one at these sizes
+                # (tiny preset, B=16, T=128: 31 against 4 ms a layer), which undid the bf16 matmuls' gain.
+                with torch.autocast("cpu", enabled=False):
+                    y = sdpa_attention(q.float(), k.float(), v.float(), mask, dropout_p)
             else:
                 y = sdpa_attention(q, k, v, mask, dropout_p)
 

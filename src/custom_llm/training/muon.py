@@ -35,6 +35,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from ..devices import bf16_matmul_is_native
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """(a, b, c) of the quintic p(x) = a·x + b·x³ + c·x⁵ applied to every singular value per iteration
 (Jordan et al. 2024): the steepest slope at 0 (p'(0) = 3.4445) for which five iterations keep every
@@ -66,10 +68,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 def default_ns_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device multiplies bf16 matrices natively (CUDA with bf16; CPUs with AVX512-BF16 or
     AMX), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return torch.bfloat16 if any(probe is not None and probe() for probe in probes) else torch.float32
+    return torch.bfloat16 if bf16_matmul_is_native(device) else torch.float32
 
 
 def shape_scale(param: torch.Tensor) -> float:
