@@ -210,3 +210,20 @@ def test_compile_decision_follows_the_toolchain(monkeypatch, caplog):
     monkeypatch.setattr(compiling, "compile_toolchain_problem", lambda device: None)
     assert compiling.use_compile(True, cpu) is True
     assert compiling.use_compile(None, cuda) is True
+
+
+def test_compiled_cpu_training_evaluates_eagerly():
+    """With compiled blocks on the CPU, a validation pass compiles nothing (no second, eval-mode graph to
+    wait for), and it measures the same loss as an uncompiled model with the same weights."""
+    from torch._dynamo.utils import counters
+
+    from custom_llm.training import loop
+
+    data = dataset()
+    compiled = build_parts(MODEL, config(compile=True), data.train)
+    plain = build_parts(MODEL, config(compile=False), data.train)
+    torch._dynamo.reset()
+    counters.clear()
+    val = loop._measure(compiled, data, TrainState())["val_loss"]
+    assert sum(counters["stats"].values()) == 0 and not counters["frames"], dict(counters)
+    assert val == pytest.approx(loop._measure(plain, data, TrainState())["val_loss"], abs=1e-6)
