@@ -45,7 +45,7 @@ def _greedy_reference(model, tokenizer, messages, max_new):
 
 def _args(folder, **overrides):
     kw = dict(ckpt=str(folder), device="cpu", dtype="float32", system=None, max_new_tokens=20, temperature=0.0,
-              top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0)
+              top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, quantize=None, group_size=32)
     kw.update(overrides)
     return argparse.Namespace(**kw)
 

@@ -6,6 +6,7 @@ import torch
 
 from custom_llm import ModelConfig, Transformer, load_model
 from custom_llm.cli import main
+from custom_llm.errors import UserError
 from custom_llm.generation import Engine, generate_without_cache
 from custom_llm.generation.quant import (QuantizedExperts, QuantizedLinear, choose_kernel, dequantize_int4,
                                          dequantize_int8, pack_int4, quantize_int4, quantize_int8, quantize_model,
@@ -162,3 +163,58 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert main(["quantize", "--ckpt", str(tmp_path / "ckpt"), "--mode", "int4", "--group-size", "128",
                  "--out", str(tmp_path / "q3")]) == 2
     assert "group size 128 does not divide" in capsys.readouterr().err
+
+
+def _char_checkpoint(path, seed=7):
+    from custom_llm.checkpoint_io import save_model
+    from custom_llm.tokenizers.char import CharTokenizer
+
+    tokenizer = CharTokenizer.train(["hello world, the quick brown fox jumps over the lazy dog"])
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper logits than the init's: a quantization error shows in the loss
+    save_model(model, path)
+    tokenizer.save(path)
+    return model, tokenizer
+
+
+def test_quantize_on_load_for_eval_serve_and_the_harness(tmp_path, capsys):
+    """--quantize reaches every command that loads a model for inference (one loader): eval's loss moves a
+    little and by the same amount as quantizing by hand; the server's engine and the lm-eval model hold
+    quantized layers; an already quantized checkpoint is refused."""
+    import json
+
+    from custom_llm.api import load_for_inference
+    from custom_llm.generation.evaluate import evaluate_texts
+    from custom_llm.generation.quant import QuantizedLinear
+    from custom_llm.serving import load_served_model
+
+    model, tokenizer = _char_checkpoint(tmp_path / "ckpt")
+    text = tmp_path / "held_out.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox, hello world\n" * 3)
+    losses = {}
+    for mode in (None, "int8", "int4"):
+        assert main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--data", str(text), "--json"]
+                    + (["--quantize", mode] if mode else [])) == 0
+        losses[mode] = json.loads(capsys.readouterr().out)["loss"]
+    expected = evaluate_texts(quantize_model(_copy(model).eval(), "int4"), tokenizer, [text.read_text()],
+                              start_id=tokenizer.eos_id, seq_len=64).loss
+    assert losses["int4"] == pytest.approx(expected, rel=1e-5)
+    assert losses["int8"] != losses[None] and losses["int4"] != losses[None]
+    assert abs(losses["int8"] / losses[None] - 1) < 0.01 and abs(losses["int4"] / losses[None] - 1) < 0.05
+
+    served = load_served_model(str(tmp_path / "ckpt"), device="cpu", quantize="int8", max_batch=2)
+    assert any(isinstance(m, QuantizedLinear) for m in served.engine.model.modules())
+    pytest.importorskip("lm_eval")
+    from custom_llm.evaluation.harness import CustomLLM
+
+    lm = CustomLLM(ckpt=str(tmp_path / "ckpt"), device="cpu", quantize="int4", group_size="32")
+    assert lm.model.quantization["mode"] == "int4"
+
+    assert main(["quantize", "--ckpt", str(tmp_path / "ckpt"), "--mode", "int8", "--out", str(tmp_path / "q")]) == 0
+    with pytest.raises(UserError, match="already quantized"):
+        load_for_inference(tmp_path / "q", "cpu", quantize="int4")
+    assert main(["eval", "--ckpt", str(tmp_path / "q"), "--data", str(text), "--quantize", "int8"]) == 2
+    assert "already quantized (int8); drop --quantize" in capsys.readouterr().err

@@ -27,13 +27,13 @@ SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max
 
 def register(sub) -> None:
     """Add the ``chat`` sub-command."""
-    from .generate import _add_model_args, add_sampling_args
+    from .generate import add_model_args, add_sampling_args
 
     chat = sub.add_parser("chat", help="chat with a model in the terminal",
                           description="An interactive conversation with streamed answers (commands: /reset, "
                                       "/system TEXT, /settings, /help, /quit; Ctrl-C stops an answer). Standard "
                                       "input that is not a terminal gives one user message per line.")
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--system", default=None, help="system message to start with")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per answer at most (default 512)")
     add_sampling_args(chat, temperature=0.7)
@@ -147,11 +147,11 @@ class ChatSession:
 
 def run_chat(args) -> int:
     from ..generation import Engine
-    from .generate import _load
+    from .generate import load_from_args
 
     settings = {k: getattr(args, k) for k in SETTINGS}
     ChatSession._sampling(settings)  # bad flags fail before the model loads
-    model, tokenizer, _ = _load(args)
+    model, tokenizer, _ = load_from_args(args)
     session = ChatSession(Engine(model, prepare_model=True), tokenizer, settings, args.system, args.seed)
     interactive = sys.stdin.isatty()
     if interactive:

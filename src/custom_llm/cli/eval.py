@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .generate import _add_model_args, run_eval
+from .generate import add_model_args, run_eval
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
                                     "text. With --tasks: tasks of lm-evaluation-harness (hellaswag, arc_easy, ...; "
                                     "built-in tasks download their data once), or local tasks (YAML + JSONL) from "
                                     "--include folders or YAML paths, which run offline; prints the harness's table.")
-    _add_model_args(ev)
+    add_model_args(ev)
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", nargs="+", metavar="PATH",
                       help="held-out text: files, directories, globs or .jsonl files (as for training)")
@@ -74,7 +74,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise UserError(f"--tasks needs lm-evaluation-harness ({exc}); install it with: pip install 'custom-llm[eval]'") from None
 
     lm = CustomLLM(ckpt=args.ckpt, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                   max_length=args.max_length, seed=args.seed)
+                   max_length=args.max_length, seed=args.seed, quantize=args.quantize, group_size=args.group_size)
     try:
         results = evaluate(lm, tasks, include=args.include, limit=limit, num_fewshot=args.num_fewshot,
                            gen_kwargs=args.gen_kwargs, seed=args.seed)

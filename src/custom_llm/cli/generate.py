@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 from ..config import MAX_SEED, field_docs
 from ..errors import UserError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices: api.DTYPE_NAMES and auto
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
                                      "per line on standard input). Prompts longer than the model's context are "
                                      "an error; generation is capped to the context when the model has "
                                      "full-attention layers.")
-    _add_model_args(gen)
+    add_model_args(gen)
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
@@ -39,10 +39,6 @@ def register(sub) -> None:
                            help="do not compile the decode step (compiled with CUDA graphs by default on CUDA)")
     compiling.add_argument("--compile", dest="compile", action="store_true",
                            help="compile the decode step on the CPU too (inductor; the first tokens take a minute)")
-    gen.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                     help="quantize the weights on load (weight-only; see custom-llm quantize)")
-    gen.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
-                     help="int4 group size for --quantize (default 32)")
     gen.add_argument("--draft", default=None, metavar="PATH",
                      help="speculative decoding with this smaller checkpoint (same tokenizer) as the draft model")
     gen.add_argument("--draft-tokens", type=int, default=4, metavar="K",
@@ -63,33 +59,24 @@ def add_sampling_args(parser, temperature: float) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help=docs["repetition_penalty"])
 
 
-def _add_model_args(parser) -> None:
+def add_model_args(parser) -> None:
+    """The flags that say which model to load and how: those of :func:`custom_llm.api.load_for_inference`."""
     parser.add_argument("--ckpt", required=True, help="checkpoint directory, run directory (newest checkpoint) "
                                                       "or Hugging Face model folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype (default auto: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="quantize the weights on load (weight-only; see custom-llm quantize)")
+    parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
+                        help="int4 group size for --quantize (default 32)")
 
 
-def _load(args):
-    """(model, tokenizer, start token id or None) from --ckpt / --device / --dtype."""
-    import torch
+def load_from_args(args):
+    """(model, tokenizer, start token id or None) as :func:`add_model_args`' flags ask."""
+    from ..api import load_for_inference
 
-    from ..api import is_hf_folder, load_model, load_tokenizer
-    from ..devices import resolve_device
-
-    device = resolve_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if not Path(args.ckpt).exists():
-        raise UserError(f"checkpoint not found: {args.ckpt}")
-    model = load_model(args.ckpt, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(args.ckpt)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{args.ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}: they do not belong together (was tokenizer.json replaced?)")
-    start = tokenizer.bos_id if is_hf_folder(Path(args.ckpt)) else tokenizer.eos_id
-    return model, tokenizer, (start if start is not None and start >= 0 else None)
+    return load_for_inference(args.ckpt, args.device, args.dtype, args.quantize, args.group_size)
 
 
 def run_generate(args) -> int:
@@ -106,11 +93,7 @@ def run_generate(args) -> int:
     if any(stop == "" for stop in args.stop):
         raise UserError("--stop needs a non-empty string (an empty stop string would end every answer at once)")
     prompt_text = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
-    model, tokenizer, start = _load(args)
-    if args.quantize:
-        from ..generation.quant import quantize_model
-
-        quantize_model(model, args.quantize, args.group_size)
+    model, tokenizer, start = load_from_args(args)
     # prepare_model: eval() and, for eager CPU decoding, weights stored transposed (faster matrix-vector products)
     engine = (_speculative_engine(model, tokenizer, args) if args.draft
               else Engine(model, compile=args.compile, prepare_model=True))
@@ -222,7 +205,7 @@ def run_eval(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
-    model, tokenizer, start = _load(args)
+    model, tokenizer, start = load_from_args(args)
     context = model.config.max_seq_len
     seq_len = args.seq_len or context
     if seq_len > context:

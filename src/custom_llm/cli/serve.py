@@ -4,27 +4,23 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 def register(sub) -> None:
+    from .generate import add_model_args
+
     serve = sub.add_parser(
         "serve", help="serve a model over the OpenAI API, with a chat page",
         description="Serve a checkpoint, run directory or Hugging Face folder over HTTP: /v1/models, "
                     "/v1/completions, /v1/chat/completions (streaming as OpenAI does), /health, /metrics "
                     "(Prometheus) and a chat page at /. Requests are batched continuously over --max-batch "
                     "slots; beyond --max-queue waiting requests the server answers 503 with Retry-After.")
-    serve.add_argument("--ckpt", required=True, help="checkpoint directory, run directory (newest checkpoint) "
-                                                     "or Hugging Face model folder")
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated together (KV cache slots, default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
     serve.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint folder's name)")
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    serve.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="weights dtype (default auto: bfloat16 on CUDA, float32 elsewhere)")
     compiling = serve.add_mutually_exclusive_group()
     compiling.add_argument("--compile", dest="compile", action="store_true", default=None,
                            help="compile the batched decode step (default on CUDA: CUDA graphs)")
@@ -47,7 +43,8 @@ def run_serve(args) -> int:
     from ..serving import load_served_model, serve
 
     served = load_served_model(args.ckpt, name=args.model_name, device=args.device, dtype=args.dtype,
-                               max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile)
+                               max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
+                               quantize=args.quantize, group_size=args.group_size)
     try:
         serve(served, host=args.host, port=args.port)
     except OSError as exc:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -38,7 +37,6 @@ from .scoring import score_requests
 from .until import generate_until
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -55,7 +53,8 @@ class CustomLLM(TemplateLM):
     def __init__(self, ckpt: Optional[str] = None, *, model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
                  device: Optional[str] = None, dtype: str = "auto", batch_size: Any = DEFAULT_BATCH_SIZE,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, prefix_token_id: Optional[int] = None,
-                 seed: int = 1234, max_batch_size: Optional[int] = None, **unused: Any):
+                 seed: int = 1234, max_batch_size: Optional[int] = None, quantize: Optional[str] = None,
+                 group_size: Any = 32, **unused: Any):
         super().__init__()
         if unused:
             log.warning("custom-llm: ignoring model arguments it does not know: %s", ", ".join(sorted(unused)))
@@ -63,7 +62,9 @@ class CustomLLM(TemplateLM):
             raise UserError("custom-llm: give either ckpt=PATH or a model and tokenizer")
         start = None
         if ckpt is not None:
-            model, tokenizer, start = _load(ckpt, device, dtype)
+            from ..api import load_for_inference
+
+            model, tokenizer, start = load_for_inference(ckpt, device, dtype, quantize or None, int(group_size))
         elif tokenizer is None:
             raise UserError("custom-llm: a model needs its tokenizer")
         self.model = model.eval()
@@ -205,24 +206,3 @@ def _default_start(tokenizer) -> int:
     """End-of-sequence (our document separator) when the tokenizer has one, else BOS."""
     return tokenizer.eos_id if tokenizer.eos_id >= 0 else tokenizer.bos_id
 
-
-def _load(path: str, device: Optional[str], dtype: str):
-    """(model, tokenizer, start token id) from a checkpoint, run directory or Hugging Face folder."""
-    from ..api import is_hf_folder, load_model, load_tokenizer
-
-    if not Path(path).exists():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"custom-llm: device {device!r} is not a device (try cpu or cuda)") from None
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise UserError(f"custom-llm: dtype must be auto, {', '.join(DTYPES)} (got {dtype!r})")
-    model = load_model(path, device=torch_device, dtype=torch_dtype)
-    tokenizer = load_tokenizer(path)
-    start = tokenizer.bos_id if is_hf_folder(Path(path)) else tokenizer.eos_id
-    return model, tokenizer, (start if start is not None and start >= 0 else None)

@@ -68,33 +68,19 @@ class ServedModel:
 
 
 def load_served_model(ckpt: str, *, name: Optional[str] = None, device: Optional[str] = None, dtype: str = "auto",
-                      max_batch: int = 8, max_queue: int = 64, compile: Optional[bool] = None) -> ServedModel:
-    """Load a checkpoint, run directory or Hugging Face folder into a :class:`ServedModel`."""
+                      max_batch: int = 8, max_queue: int = 64, compile: Optional[bool] = None,
+                      quantize: Optional[str] = None, group_size: int = 32) -> ServedModel:
+    """Load a checkpoint, run directory or Hugging Face folder into a :class:`ServedModel`
+    (``device``, ``dtype``, ``quantize``, ``group_size``: as :func:`custom_llm.api.load_for_inference`)."""
     from pathlib import Path
 
-    import torch
+    from ..api import load_for_inference
 
-    from ..api import is_hf_folder, load_model, load_tokenizer
-    from ..errors import UserError
-
-    path = Path(ckpt)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {ckpt}")
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = load_model(path, device=dev, dtype=torch_dtype)
-    tokenizer = load_tokenizer(path)
-    hf = is_hf_folder(path)
-    start = tokenizer.bos_id if hf else tokenizer.eos_id
+    model, tokenizer, start = load_for_inference(ckpt, device, dtype, quantize, group_size)
     engine = BatchEngine(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
-    default_name = path.resolve().name if not path.resolve().name.startswith("ckpt-") else path.resolve().parent.name
-    return ServedModel(name or default_name, engine, tokenizer, start if start is not None and start >= 0 else None)
+    path = Path(ckpt).resolve()
+    default_name = path.name if not path.name.startswith("ckpt-") else path.parent.name
+    return ServedModel(name or default_name, engine, tokenizer, start)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
