@@ -8,6 +8,7 @@ reason. Combinations the code does not support are refused by the config, and th
 """
 
 import itertools
+import json
 import types
 
 import numpy as np
@@ -42,6 +43,7 @@ FEATURES = {
     "muon": ({}, dict(optimizer="muon")),
     "curriculum": ({}, dict(curriculum=[dict(seq_len=8, batch_size=4, max_steps=2), dict(seq_len=16, batch_size=8)])),
     "compile": ({}, dict(compile=True)),
+    "bf16": ({}, dict(precision="bf16")),  # CPU autocast: bf16 matmuls, fp32 attention (the default on AMX CPUs)
 }
 NEEDS = {"shared_expert": "moe", "noisy_gating": "moe"}
 EXCLUSIVE = [{"flex", "eager_attention"}, {"lion", "muon"}]
@@ -51,7 +53,7 @@ UNSUPPORTED = {frozenset({"flex", "dropout"}): "attn_backend 'flex' does not sup
 RUNS = [
     {"moe", "shared_expert", "layerdrop", "window_pattern", "grad_checkpointing", "dropout", "qkv_bias", "grad_accum",
      "lion", "eager_attention"},
-    {"moe", "noisy_gating", "rezero", "mqa", "flex", "untied", "curriculum", "muon", "grad_checkpointing"},
+    {"moe", "noisy_gating", "rezero", "mqa", "flex", "untied", "curriculum", "muon", "grad_checkpointing", "bf16"},
     {"layerdrop", "rezero", "mqa", "dropout", "untied", "grad_accum", "curriculum", "eager_attention", "qkv_bias"},
     {"moe", "shared_expert", "noisy_gating", "window_pattern", "flex", "qkv_bias", "grad_accum", "curriculum",
      "untied", "layerdrop"},
@@ -68,8 +70,8 @@ RUNS = [
     {"muon", "grad_accum", "untied", "shared_expert", "moe", "rezero", "eager_attention", "mqa"},
     {"muon", "untied", "qkv_bias", "dropout", "curriculum", "window_pattern", "noisy_gating", "moe", "grad_accum"},
     {"compile", "moe", "shared_expert", "noisy_gating", "layerdrop", "window_pattern", "mqa", "rezero", "dropout",
-     "untied", "qkv_bias", "grad_accum", "lion", "curriculum", "grad_checkpointing", "eager_attention"},
-    {"compile", "flex", "muon"},
+     "untied", "qkv_bias", "grad_accum", "lion", "curriculum", "grad_checkpointing", "eager_attention", "bf16"},
+    {"compile", "flex", "muon", "bf16"},
 ]
 
 
@@ -139,6 +141,8 @@ def test_features_together_train_resume_generate_export(features, tmp_path):
     mc, data = ModelConfig(**model_fields), _dataset()
     straight = train(mc, TrainConfig(**train_fields), tmp_path / "straight", data, progress=False)
     assert straight.step == 4 and straight.stopped == "done"
+    state = json.loads((resolve_checkpoint_dir(tmp_path / "straight") / "trainer_state.json").read_text())
+    assert state["precision"] == ("bf16" if "bf16" in features else "fp32")
     train(mc, TrainConfig(**{**train_fields, "max_steps": 2}), tmp_path / "resumed", data, progress=False)
     resumed = train(mc, TrainConfig(**train_fields), tmp_path / "resumed", data, resume=True, progress=False)
     assert resumed.tokens == straight.tokens
