@@ -55,6 +55,8 @@ def _dataset(ctx: Context, preset: str, tc, vocab_size: int):
 
 
 def compare_step_paths(ctx: Context, preset: str, case: str) -> Result:
+    """Step the preset's model with each side's trainer in turn, a chunk at a time (see the module docstring);
+    the learning rate is the preset's peak throughout (no schedule: only speed and agreement are measured)."""
     from ..training import resolve_run_config
     from ..training.parts import build_parts
     from ..training.plan import StepPlan
