@@ -93,11 +93,12 @@ class Runtime:
 def resolve_precision(preference: str, device: torch.device) -> str:
     """'auto': bf16 on CUDA with bf16 support, else fp16 on CUDA; on the CPU bf16 where it has AMX, else fp32.
 
-    On an AMX CPU (2 cores), bf16 autocast, with attention kept in fp32, trained the ``tiny`` job 1.45x
-    and ``shakespeare-char-cpu`` 1.18x faster than fp32 (``custom-llm bench --cases
-    small_steps,small_steps_tiny``) to the same validation loss (shakespeare-char-cpu 1.678 against
-    1.674, tiny 3.85 against 3.84). Without AMX, bf16 matmuls are no faster than fp32 ones and the
-    casts cost time. Master weights, gradients and optimizer state stay fp32 either way.
+    On an AMX CPU (2 cores), bf16 autocast, with attention kept in fp32, trains the ``tiny`` job 1.54x
+    and ``shakespeare-char-cpu`` 1.20x faster than fp32 in tokens/s (``custom-llm bench --cases
+    small_steps,small_steps_tiny``; the default job end to end 1.51x) to the same validation loss
+    (tiny 3.829 against 3.838, shakespeare-char-cpu 1.678 against 1.674). Without AMX, bf16 matmuls
+    are no faster than fp32 ones and the casts cost time. Master weights, gradients and optimizer
+    state stay fp32 either way.
     """
     if preference == "auto":
         if device.type != "cuda":
