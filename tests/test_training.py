@@ -227,3 +227,17 @@ def test_compiled_cpu_training_evaluates_eagerly():
     val = loop._measure(compiled, data, TrainState())["val_loss"]
     assert sum(counters["stats"].values()) == 0 and not counters["frames"], dict(counters)
     assert val == pytest.approx(loop._measure(plain, data, TrainState())["val_loss"], abs=1e-6)
+
+
+def test_auto_precision_on_an_amx_cpu_trains_in_bf16_and_says_why(monkeypatch, caplog, tmp_path):
+    """precision auto picks bf16 on a CPU with AMX (forced here), trains in it (trainer_state says so) and
+    the start line says why and how to keep fp32."""
+    from custom_llm.training import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_amx", lambda: True)
+    with caplog.at_level("INFO", logger="custom_llm.training"):
+        result = train(MODEL, config(precision="auto", max_steps=2), tmp_path / "run", dataset(), progress=False)
+    assert result.step == 2
+    state = json.loads(next((tmp_path / "run").glob("ckpt-*/trainer_state.json")).read_text())
+    assert state["precision"] == "bf16"
+    assert "bf16 (auto: this CPU has AMX; --precision fp32 trains in fp32) on cpu" in caplog.text

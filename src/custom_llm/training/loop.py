@@ -275,8 +275,11 @@ class _StopRequests:
 
 def _log_start(parts: TrainingParts, peak_note: str) -> None:
     params = parts.model.num_params()
+    precision = parts.rt.precision
+    if precision == "bf16" and parts.rt.device.type == "cpu" and parts.tc.precision == "auto":
+        precision += " (auto: this CPU has AMX; --precision fp32 trains in fp32)"
     log.info("model: %.2fM parameters (%.2fM active), %s on %s x%d, %s; MFU peak: %s", params["total"] / 1e6,
-             params["active"] / 1e6, parts.rt.precision, parts.rt.device.type, parts.rt.world_size,
+             params["active"] / 1e6, precision, parts.rt.device.type, parts.rt.world_size,
              "torch.compile" if parts.compiled else "eager", peak_note)
 
 
