@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,32 +36,25 @@ CHUNK = {"shakespeare-char-cpu": 20, "tiny": 10}
 
 def small_steps(ctx: Context) -> Result:
     """shakespeare-char-cpu: tokens/s of today's defaults against the fp32 eager path before them."""
-    return compare_step_paths(ctx, "shakespeare-char-cpu", "small_steps")
+    from .shakespeare_case import find_text
+
+    return compare_step_paths(ctx, "shakespeare-char-cpu", str(find_text(ctx.data)), "small_steps")
 
 
 def small_steps_tiny(ctx: Context) -> Result:
     """tiny: tokens/s of today's defaults against the fp32 eager path before them."""
-    return compare_step_paths(ctx, "tiny", "small_steps_tiny")
+    return compare_step_paths(ctx, "tiny", None, "small_steps_tiny")
 
 
-def _dataset(ctx: Context, preset: str, tc, vocab_size: int):
-    from ..data import prepare_data
-
-    sources = None
-    if preset.startswith("shakespeare"):
-        from .shakespeare_case import find_text
-
-        sources = [str(find_text(ctx.data))]
-    return prepare_data(sources, tokenizer_kind=tc.tokenizer, vocab_size=vocab_size, val_fraction=tc.val_fraction)
-
-
-def compare_step_paths(ctx: Context, preset: str, case: str) -> Result:
+def compare_step_paths(ctx: Context, preset: str, data: Optional[str], case: str) -> Result:
     """Step the preset's model with each side's trainer in turn, a chunk at a time (see the module docstring);
-    the learning rate is the preset's peak throughout (no schedule: only speed and agreement are measured)."""
+    the learning rate is the preset's peak throughout (no schedule: only speed and agreement are measured).
+    ``data``: the text file to train on, None for the default corpus."""
     from ..training import resolve_run_config
     from ..training.parts import build_parts
     from ..training.plan import StepPlan
     from ..training.step import train_step
+    from .optimizer_case import _data
 
     sides = {"ref": {"precision": "fp32", "compile": False},
              "ours": {"precision": "auto", "compile": ctx.compile},
@@ -69,7 +63,7 @@ def compare_step_paths(ctx: Context, preset: str, case: str) -> Result:
         del sides["ours_compiled"]  # ours is compiled already; a smoke test skips the compile
     base = {"device": ctx.device.type, "seed": ctx.seed}
     mc, tc = resolve_run_config(preset, None, {"model": {}, "train": base})
-    tokenizer, dataset = _dataset(ctx, preset, tc, mc.vocab_size)
+    tokenizer, dataset = _data(preset, data, tc, mc.vocab_size)
     mc = dataclasses.replace(mc, vocab_size=tokenizer.vocab_size)
     batch, seq_len = (tc.curriculum[-1].batch_size, tc.curriculum[-1].seq_len) if tc.curriculum else \
         (tc.batch_size, tc.seq_len or mc.max_seq_len)
